@@ -1,0 +1,59 @@
+"""Framework-agnostic multi-LoRA composition math: plain torch, no ComfyUI.
+
+Every function takes predictions as ``[B, C, H, W]`` tensors (adapters stacked as
+``[N, B, C, H, W]``), computes similarities and weights in float32 and returns results in the
+inputs' dtype, on their device. See ``shared/docs/methods.md`` in the project for the papers.
+"""
+
+from .composite import CompositeResult, adapter_mean, lora_composite
+from .diagnostics import WeightMapHistory, adapter_palette, colourise
+from .loratorio import (
+    DEFAULT_LAMBDA,
+    DEFAULT_PATCH_SIZE,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_K_MODE,
+    LoRAtorioParams,
+    LoRAtorioResult,
+    loratorio,
+    recentred_uncond,
+    routing_weights,
+    weighted_sum,
+)
+from .patches import expand_patches, patch_cosine_similarity, patch_grid
+from .switch import DEFAULT_TAU, SwitchSchedule, step_index
+from .tensors import classifier_free_guidance, denoised_to_noise, noise_to_denoised
+from .weights import TOP_K_MODES, TopKMode, softmin_weights, top_k_mask
+
+__all__ = [
+    "DEFAULT_LAMBDA",
+    "DEFAULT_PATCH_SIZE",
+    "DEFAULT_TAU",
+    "DEFAULT_TEMPERATURE",
+    "DEFAULT_TOP_K",
+    "DEFAULT_TOP_K_MODE",
+    "TOP_K_MODES",
+    "CompositeResult",
+    "LoRAtorioParams",
+    "LoRAtorioResult",
+    "SwitchSchedule",
+    "TopKMode",
+    "WeightMapHistory",
+    "adapter_mean",
+    "adapter_palette",
+    "classifier_free_guidance",
+    "colourise",
+    "denoised_to_noise",
+    "expand_patches",
+    "lora_composite",
+    "loratorio",
+    "noise_to_denoised",
+    "patch_cosine_similarity",
+    "patch_grid",
+    "recentred_uncond",
+    "routing_weights",
+    "softmin_weights",
+    "step_index",
+    "top_k_mask",
+    "weighted_sum",
+]

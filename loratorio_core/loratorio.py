@@ -1,0 +1,136 @@
+"""LoRAtorio (arXiv 2508.11624): patch-wise SoftMin routing of adapter predictions.
+
+Per step, with base predictions ``eps_0(c)``, ``eps_0(u)`` and adapter predictions ``eps_i(c)``
+(and ``eps_i(u)`` when ``lambda < 1``), all in noise space:
+
+1. ``s_ip = cos(eps_i(c)|p, eps_0(c)|p)`` for every adapter ``i`` and patch ``p``;
+2. optional dynamic selection: a top-k mask keeps the ``k`` least similar adapters;
+3. ``Omega_ip = SoftMin_i(s_ip / T)`` over the kept adapters, upsampled to latent pixels;
+4. composed cond ``c~ = sum_i Omega_i * eps_i(c)``;
+5. re-centred uncond ``u~ = lambda * eps_0(u) + (1 - lambda) * sum_i Omega_i * eps_i(u)``;
+6. guidance ``u~ + g * (c~ - u~)``.
+
+Steps 4 to 6 are convex (or affine, weights summing to 1) combinations, so they may be applied
+to denoised predictions as well; only the similarity in step 1 must see noise-space inputs.
+
+Defaults for what the paper leaves open (all overridable):
+
+* ``patch_size = 8`` latent pixels: with the 8x VAE of SD1.5, SDXL, SD3 and Flux a patch covers
+  64x64 image pixels, an 8x8 grid at SD1.5's 512x512 and 16x16 at SDXL's 1024x1024: fine enough
+  to separate a subject from its background, coarse enough that a patch holds a recognisable part
+  of an object rather than texture noise. On SD3 and Flux it is 4x4 of their 2x2 tokens.
+* ``temperature = 0.05``: cosines between adapter and base predictions of one patch are close to
+  each other (they share the same noisy latent), typically within a few hundredths. T must be on
+  that scale for the SoftMin to route at all; ``T = 1`` would be almost the plain mean, ``T -> 0``
+  a hard argmin that flickers between steps. A gap of 0.05 gives a weight ratio of e.
+* ``lambda = 0.5``: the paper's value.
+* ``top_k = 3`` and ``top_k_mode = "image"`` for the dynamic pool: see :mod:`.weights`.
+  ``top_k = None`` (or any ``k >= N``) is the static method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .patches import check_patch_size, expand_patches, patch_cosine_similarity
+from .tensors import classifier_free_guidance, check_latent, check_stack
+from .weights import TopKMode, check_temperature, check_top_k, check_top_k_mode, softmin_weights, top_k_mask
+
+DEFAULT_PATCH_SIZE = 8
+DEFAULT_TEMPERATURE = 0.05
+DEFAULT_LAMBDA = 0.5
+DEFAULT_TOP_K = 3
+DEFAULT_TOP_K_MODE: TopKMode = "image"
+
+
+@dataclass(frozen=True)
+class LoRAtorioParams:
+    """The method's open parameters; ``top_k = None`` is the static method (every adapter)."""
+
+    patch_size: int = DEFAULT_PATCH_SIZE
+    temperature: float = DEFAULT_TEMPERATURE
+    recentre_lambda: float = DEFAULT_LAMBDA
+    top_k: int | None = None
+    top_k_mode: TopKMode = DEFAULT_TOP_K_MODE
+
+    def __post_init__(self) -> None:
+        check_patch_size(self.patch_size)
+        check_temperature(self.temperature)
+        if not 0.0 <= self.recentre_lambda <= 1.0:
+            raise ValueError(f"recentre_lambda must lie in [0, 1] (1 = the base model's uncond only), got {self.recentre_lambda!r}")
+        if self.top_k is not None:
+            check_top_k(self.top_k)
+        check_top_k_mode(self.top_k_mode)
+
+    @property
+    def needs_adapter_unconds(self) -> bool:
+        """Whether the adapters' unconditional predictions enter the result (``lambda < 1``)."""
+        return self.recentre_lambda < 1.0
+
+
+def routing_weights(adapter_conds: Tensor, base_cond: Tensor, params: LoRAtorioParams) -> Tensor:
+    """``Omega [N, B, 1, H, W]`` (float32) from noise-space cond predictions (steps 1 to 3)."""
+    similarity = patch_cosine_similarity(adapter_conds, base_cond, params.patch_size)
+    keep = None if params.top_k is None else top_k_mask(similarity, params.top_k, params.top_k_mode)
+    per_patch = softmin_weights(similarity, params.temperature, keep)
+    height, width = base_cond.shape[-2:]
+    return expand_patches(per_patch, height, width, params.patch_size).unsqueeze(2)
+
+
+def weighted_sum(weights: Tensor, predictions: Tensor) -> Tensor:
+    """``sum_i Omega_i * pred_i`` over dim 0, computed in float32, in ``predictions``' dtype."""
+    combined = (weights * predictions.to(weights.dtype)).sum(dim=0)
+    return combined.to(predictions.dtype)
+
+
+def recentred_uncond(base_uncond: Tensor, adapter_unconds: Tensor | None, weights: Tensor, recentre_lambda: float) -> Tensor:
+    """``u~ = lambda * eps_0(u) + (1 - lambda) * sum_i Omega_i * eps_i(u)`` (step 5).
+
+    With ``lambda = 1`` this is ``eps_0(u)`` and ``adapter_unconds`` may be None: the adapters'
+    unconditional rows need not be evaluated at all.
+    """
+    check_latent(base_uncond, "base_uncond")
+    if recentre_lambda >= 1.0:
+        return base_uncond
+    if adapter_unconds is None:
+        raise ValueError(f"recentre_lambda = {recentre_lambda} < 1 needs the adapters' unconditional predictions")
+    check_stack(adapter_unconds, base_uncond, "adapter_unconds")
+    mixed = weighted_sum(weights, adapter_unconds)
+    return (base_uncond * recentre_lambda + mixed * (1.0 - recentre_lambda)).to(base_uncond.dtype)
+
+
+@dataclass(frozen=True)
+class LoRAtorioResult:
+    cond: Tensor  # composed cond [B, C, H, W]
+    uncond: Tensor  # re-centred uncond [B, C, H, W]
+    guided: Tensor  # CFG result [B, C, H, W]
+    weights: Tensor  # Omega, float32 [N, B, 1, H, W]
+
+
+def loratorio(
+    base_cond: Tensor,
+    base_uncond: Tensor,
+    adapter_conds: Tensor,
+    adapter_unconds: Tensor | None,
+    cfg_scale: float,
+    params: LoRAtorioParams = LoRAtorioParams(),
+) -> LoRAtorioResult:
+    """One LoRAtorio step in noise space (steps 1 to 6 of the module docstring).
+
+    Args:
+        base_cond, base_uncond: the base model's predictions ``[B, C, H, W]``.
+        adapter_conds: ``[N, B, C, H, W]``, adapter ``i``'s cond prediction in row ``i``.
+        adapter_unconds: the same for the uncond, or None when ``params.recentre_lambda == 1``.
+        cfg_scale: ``g``.
+    """
+    check_latent(base_cond, "base_cond")
+    check_latent(base_uncond, "base_uncond")
+    if base_uncond.shape != base_cond.shape:
+        raise ValueError(f"base_uncond has shape {tuple(base_uncond.shape)}, base_cond {tuple(base_cond.shape)}; they must match")
+    check_stack(adapter_conds, base_cond, "adapter_conds")
+    weights = routing_weights(adapter_conds, base_cond, params)
+    cond = weighted_sum(weights, adapter_conds)
+    uncond = recentred_uncond(base_uncond, adapter_unconds, weights, params.recentre_lambda)
+    return LoRAtorioResult(cond=cond, uncond=uncond, guided=classifier_free_guidance(cond, uncond, cfg_scale), weights=weights)

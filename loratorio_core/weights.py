@@ -1,0 +1,103 @@
+"""SoftMin routing weights over adapters and the dynamic top-k mask.
+
+Default ``k = 3``: the composition testbeds use N = 2 to 5, and with more survivors each
+adapter's share of a patch thins out towards the plain mean the method improves on.
+
+``Omega_i = exp(-s_i / T) / sum_j exp(-s_j / T)`` over the adapters ``j`` that survive the mask:
+the adapter whose prediction diverges most from the base model in a patch gets the most weight.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .tensors import SIMILARITY_DTYPE
+
+TopKMode = Literal["patch", "image"]
+TOP_K_MODES: tuple[TopKMode, ...] = ("patch", "image")
+
+
+def check_temperature(temperature: float) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = hard selection, inf = plain mean), got {temperature!r}")
+
+
+def check_top_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"top_k must be an integer >= 1, got {k!r}")
+
+
+def check_top_k_mode(mode: str) -> None:
+    if mode not in TOP_K_MODES:
+        raise ValueError(f"top_k mode must be one of {TOP_K_MODES}, got {mode!r}")
+
+
+def softmin_weights(similarity: Tensor, temperature: float, keep: Tensor | None = None) -> Tensor:
+    """``Omega = SoftMin_i(s / T)`` along dim 0 (the adapters), restricted to ``keep``.
+
+    Args:
+        similarity: ``[N, ...]``, e.g. the per-patch cosines ``[N, B, rows, cols]``.
+        temperature: ``T >= 0``. ``T = 0`` is the limit: all weight on the least similar adapter
+            (ties share it equally). ``T = inf`` gives equal weights (the plain mean).
+        keep: optional boolean mask broadcastable to ``similarity``; adapters where it is False get
+            weight 0. At least one adapter must be kept at every position.
+
+    Returns:
+        float32 weights of ``similarity``'s shape, non-negative, summing to 1 along dim 0.
+    """
+    check_temperature(temperature)
+    s = similarity.to(SIMILARITY_DTYPE)
+    if keep is None:
+        keep = torch.ones_like(s, dtype=torch.bool)
+    keep = keep.expand_as(s)
+    if not bool(keep.any(dim=0).all()):
+        raise ValueError("the top-k mask keeps no adapter at some position; keep at least one (k >= 1)")
+    lowest = torch.where(keep, s, torch.full_like(s, math.inf)).amin(dim=0, keepdim=True)
+    if temperature == 0:
+        winners = (keep & (s == lowest)).to(SIMILARITY_DTYPE)
+        return winners / winners.sum(dim=0, keepdim=True)
+    if math.isinf(temperature):
+        scores = torch.zeros_like(s)
+    else:
+        # shifting by the lowest similarity keeps one score at 0, so a tiny T cannot
+        # underflow every exponent of a position to zero
+        scores = -(s - lowest) / temperature
+    return torch.softmax(scores.masked_fill(~keep, -math.inf), dim=0)
+
+
+def top_k_mask(similarity: Tensor, k: int, mode: TopKMode = "image") -> Tensor:
+    """Keep the ``k`` least similar (most divergent) adapters, per patch or per image.
+
+    Args:
+        similarity: ``[N, B, rows, cols]`` per-patch cosines.
+        k: how many adapters survive; ``k >= N`` keeps them all (the static method).
+        mode: ``"patch"`` ranks adapters separately in every patch; ``"image"`` ranks them by
+            their mean similarity over the image, so one set of ``k`` adapters serves every patch
+            of a sample. Ties are broken by adapter order.
+
+    Which mode the paper means is not stated. Its description, a hard mask that at each step
+    "keeps k of them" (adapters) from a pool, reads as choosing adapters for the whole image,
+    so ``"image"`` is the default; ``"patch"`` is the finer reading, where each region may pick
+    its own ``k``.
+
+    Returns:
+        boolean ``[N, B, rows, cols]`` (``"patch"``) or ``[N, B, 1, 1]`` (``"image"``).
+    """
+    check_top_k(k)
+    check_top_k_mode(mode)
+    if similarity.ndim != 4:
+        raise ValueError(f"similarity must have shape [N, B, rows, cols], got {tuple(similarity.shape)}")
+    count = similarity.shape[0]
+    s = similarity.to(SIMILARITY_DTYPE)
+    if mode == "image":
+        s = s.mean(dim=(-2, -1), keepdim=True)
+    if k >= count:
+        return torch.ones_like(s, dtype=torch.bool)
+    # a stable sort keeps adapter order among equal similarities
+    order = torch.sort(s, dim=0, stable=True).indices[:k]
+    mask = torch.zeros_like(s, dtype=torch.bool)
+    return mask.scatter(0, order, True)

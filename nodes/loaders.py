@@ -1,0 +1,71 @@
+"""``MultiLoRALoader``: pick several LoRA files with a strength and an on/off each."""
+
+from __future__ import annotations
+
+import folder_paths
+
+from .common import CATEGORY, LORA_STACK, NO_LORA, LoraStackEntry, as_lora_stack
+
+MAX_LORA_SLOTS = 8
+
+
+def lora_file_names() -> list[str]:
+    return folder_paths.get_filename_list("loras")
+
+
+def require_lora_file(name: str) -> str:
+    """The full path of a LoRA in ComfyUI's ``loras`` folders, or an error that says where we looked."""
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        folders = ", ".join(folder_paths.get_folder_paths("loras"))
+        raise FileNotFoundError(
+            f"LoRA file '{name}' is not in ComfyUI's loras folders ({folders}). "
+            "Put the file there (or fix the name) and press Refresh in the graph editor."
+        )
+    return path
+
+
+class MultiLoRALoader:
+    """Collects up to ``MAX_LORA_SLOTS`` LoRAs (plus an incoming ``LORA_STACK``) into one stack."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (LORA_STACK,)
+    RETURN_NAMES = ("lora_stack",)
+    OUTPUT_TOOLTIPS = ("The enabled LoRAs as (lora_name, model_strength, clip_strength) rows, in slot order.",)
+    FUNCTION = "collect"
+    DESCRIPTION = (
+        "Choose the LoRA adapters to compose, each with a strength and an on/off switch. "
+        "Rows from an incoming LORA_STACK come first."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        names = [NO_LORA, *lora_file_names()]
+        optional: dict[str, tuple] = {
+            "lora_stack": (LORA_STACK, {"tooltip": "LoRAs from another loader node, placed before this node's rows."}),
+        }
+        for slot in range(1, MAX_LORA_SLOTS + 1):
+            optional[f"lora_{slot}"] = (names, {"default": NO_LORA, "tooltip": f"LoRA file of row {slot}."})
+            optional[f"strength_{slot}"] = (
+                "FLOAT",
+                {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": f"Strength of row {slot} (model and CLIP)."},
+            )
+            optional[f"enabled_{slot}"] = ("BOOLEAN", {"default": True, "tooltip": f"Use row {slot}."})
+        return {"required": {}, "optional": optional}
+
+    def collect(self, lora_stack: object = None, **rows: object) -> tuple[list[LoraStackEntry]]:
+        stack = as_lora_stack(lora_stack)
+        for entry in stack:
+            require_lora_file(entry.lora_name)
+        for slot in range(1, MAX_LORA_SLOTS + 1):
+            name = rows.get(f"lora_{slot}", NO_LORA)
+            if name in (None, NO_LORA) or not rows.get(f"enabled_{slot}", True):
+                continue
+            require_lora_file(str(name))
+            strength = float(rows.get(f"strength_{slot}", 1.0))  # type: ignore[arg-type]
+            stack.append(LoraStackEntry(str(name), strength, strength))
+        return (stack,)
+
+
+NODE_CLASS_MAPPINGS = {"MultiLoRALoader": MultiLoRALoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"MultiLoRALoader": "Multi-LoRA Loader"}

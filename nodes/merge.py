@@ -1,0 +1,45 @@
+"""``LoRAMerge``: the baseline. Every LoRA of a stack merged into the weights, ComfyUI's way."""
+
+from __future__ import annotations
+
+import comfy.sd
+import comfy.utils
+
+from .common import CATEGORY, LORA_STACK, as_lora_stack
+from .loaders import require_lora_file
+
+
+class LoRAMerge:
+    """``W = W0 + sum_i s_i * dW_i`` through ``comfy.sd.load_lora_for_models``, like chained LoraLoaders."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP")
+    OUTPUT_TOOLTIPS = ("The model with every LoRA merged.", "The CLIP with every LoRA's text-encoder weights merged.")
+    FUNCTION = "merge"
+    DESCRIPTION = (
+        "The LoRA Merge baseline: adds every LoRA of the stack to the model at its strength, exactly as "
+        "chaining ComfyUI's Load LoRA nodes would. Compare the composition samplers against it."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model."}),
+                "lora_stack": (LORA_STACK, {"tooltip": "The LoRAs to merge, e.g. from Multi-LoRA Loader."}),
+            },
+            "optional": {"clip": ("CLIP", {"tooltip": "The text encoder; left out, only the model is patched."})},
+        }
+
+    def merge(self, model, lora_stack, clip=None):  # noqa: ANN001 - ComfyUI objects
+        for entry in as_lora_stack(lora_stack):
+            clip_strength = entry.clip_strength if clip is not None else 0.0
+            if entry.model_strength == 0 and clip_strength == 0:
+                continue
+            lora = comfy.utils.load_torch_file(require_lora_file(entry.lora_name), safe_load=True)
+            model, clip = comfy.sd.load_lora_for_models(model, clip, lora, entry.model_strength, clip_strength)
+        return (model, clip)
+
+
+NODE_CLASS_MAPPINGS = {"LoRAMerge": LoRAMerge}
+NODE_DISPLAY_NAME_MAPPINGS = {"LoRAMerge": "LoRA Merge (baseline)"}

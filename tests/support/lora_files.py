@@ -1,0 +1,152 @@
+"""Real LoRA files for the tiny models, in the key styles people share.
+
+* kohya (sd-scripts): ``lora_unet_<name with underscores>.lora_down/.lora_up/.alpha``; diffusers
+  names for the UNet families, the checkpoint's own names (fused qkv) for SD3 and Flux.
+* diffusers/PEFT: written by the ``peft`` library itself (an independent writer) from a module
+  tree named like the diffusers model: ``unet.<name>.lora_A/.lora_B`` or
+  ``transformer.<name>.lora_A/.lora_B``; on SD3 and Flux ``to_q``/``to_k``/``to_v`` are slices of
+  the checkpoint's fused qkv weights. UNet attention layers carry diffusers' attention-processor
+  names (``attn1.processor.to_q``, ``attn1.processor.to_out``): ComfyUI 0.3.75 reads the UNet's
+  attention keys only in that form, and these files must load fully through ComfyUI's own path.
+* ComfyUI (what its LoRA save node writes): ``diffusion_model.<key>.lora_up/.lora_down/.alpha``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import comfy.utils
+import safetensors.torch
+import torch
+
+from .tiny_models import FAMILY_SPECS
+
+KEY_STYLES = ("kohya", "peft", "comfy")
+FUSED_FAMILY_KEYS = re.compile(r"(qkv|\.proj|mlp\.0|mlp\.2|linear1|linear2)\.weight$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One layer a LoRA patches: its name in the file and the weight slice it changes."""
+
+    file_name: str  # without the .lora_* suffix
+    weight_key: str  # the ComfyUI state-dict key
+    offset: tuple[int, int, int] | None  # (dim, start, size) of a fused weight, or None
+    shape: tuple[int, ...]
+
+
+def _diffusers_map(model) -> dict[str, object]:  # noqa: ANN001 - a ComfyUI BaseModel
+    config = model.model_config.unet_config
+    if "num_res_blocks" in config:
+        return {k: f"diffusion_model.{v}" for k, v in comfy.utils.unet_to_diffusers(config).items()}
+    if config.get("image_model") == "flux":
+        return comfy.utils.flux_to_diffusers(config, output_prefix="diffusion_model.")
+    return comfy.utils.mmdit_to_diffusers(config, output_prefix="diffusion_model.")
+
+
+def diffusers_targets(family: str, model) -> list[Target]:  # noqa: ANN001
+    """Layers named the diffusers way, restricted to the family's chosen targets."""
+    state = model.state_dict()
+    targets = []
+    for name, mapped in _diffusers_map(model).items():
+        if not name.endswith(".weight"):
+            continue
+        module_name = name[: -len(".weight")]
+        if not any(module_name.endswith(t) for t in FAMILY_SPECS[family].diffusers_targets):
+            continue
+        key, offset = (mapped, None) if isinstance(mapped, str) else mapped
+        if key not in state:
+            continue
+        weight = state[key] if offset is None else state[key].narrow(*offset)
+        targets.append(Target(module_name, key, offset, tuple(weight.shape)))
+    if not targets:
+        raise AssertionError(f"no LoRA targets found for {family}")
+    return sorted(targets, key=lambda t: t.file_name)
+
+
+def checkpoint_targets(model) -> list[Target]:  # noqa: ANN001
+    """Whole (fused) weights named the checkpoint's way, for kohya files of SD3 and Flux."""
+    state = model.state_dict()
+    return [
+        Target(key[len("diffusion_model."): -len(".weight")], key, None, tuple(state[key].shape))
+        for key in sorted(state)
+        if key.startswith("diffusion_model.") and "blocks." in key and FUSED_FAMILY_KEYS.search(key) and state[key].ndim == 2
+    ]
+
+
+def _low_rank_pair(shape: tuple[int, ...], rank: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(up, down)`` for a linear ``[out, in]`` or a conv ``[out, in, kh, kw]`` (LoCon)."""
+    out_features = shape[0]
+    down_shape = (rank, *shape[1:])
+    up_shape = (out_features, rank) + (1,) * (len(shape) - 2)
+    down = torch.randn(down_shape, generator=generator) / (torch.tensor(shape[1:]).prod().sqrt())
+    up = torch.randn(up_shape, generator=generator) * 0.5
+    return up, down
+
+
+def write_kohya(path: Path, family: str, model, rank: int = 4, alpha: float = 2.0, seed: int = 0) -> Path:  # noqa: ANN001
+    generator = torch.Generator().manual_seed(seed)
+    targets = diffusers_targets(family, model) if family in ("sd15", "sdxl") else checkpoint_targets(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for target in targets:
+        stem = "lora_unet_" + target.file_name.replace(".", "_")
+        up, down = _low_rank_pair(target.shape, rank, generator)
+        tensors[f"{stem}.lora_up.weight"] = up
+        tensors[f"{stem}.lora_down.weight"] = down
+        tensors[f"{stem}.alpha"] = torch.tensor(float(alpha))
+    safetensors.torch.save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank)})
+    return path
+
+
+def write_comfy(path: Path, family: str, model, rank: int = 4, alpha: float = 4.0, seed: int = 0) -> Path:  # noqa: ANN001
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for target in checkpoint_targets(model) if family in ("sd3", "flux") else diffusers_targets(family, model):
+        stem = target.weight_key[: -len(".weight")]
+        up, down = _low_rank_pair(target.shape, rank, generator)
+        tensors[f"{stem}.lora_up.weight"] = up
+        tensors[f"{stem}.lora_down.weight"] = down
+        tensors[f"{stem}.alpha"] = torch.tensor(float(alpha))
+    safetensors.torch.save_file(tensors, str(path))
+    return path
+
+
+def _processor_name(module_name: str) -> str:
+    name = module_name.replace(".to_", ".processor.to_")
+    return name[: -len(".0")] if name.endswith(".to_out.0") else name
+
+
+def write_peft(path: Path, family: str, model, rank: int = 4, seed: int = 0) -> Path:  # noqa: ANN001
+    """A diffusers/PEFT LoRA written by ``peft`` (``lora_alpha = rank``: scale 1, no alpha key)."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    targets = [t for t in diffusers_targets(family, model) if len(t.shape) == 2]
+    if family in ("sd15", "sdxl"):
+        targets = [replace(t, file_name=_processor_name(t.file_name)) for t in targets]
+    tree = torch.nn.Module()
+    for target in targets:
+        parent = tree
+        *path_parts, leaf = target.file_name.split(".")
+        for part in path_parts:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, torch.nn.Linear(target.shape[1], target.shape[0], bias=False))
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=[t.file_name for t in targets], init_lora_weights=False)
+    inject_adapter_in_model(config, tree)
+    prefix = "unet." if family in ("sd15", "sdxl") else "transformer."
+    state = {prefix + k: v.detach().contiguous() for k, v in get_peft_model_state_dict(tree).items()}
+    safetensors.torch.save_file(state, str(path), metadata={"format": "pt"})
+    return path
+
+
+WRITERS = {"kohya": write_kohya, "peft": write_peft, "comfy": write_comfy}
+
+
+def write_lora(path: Path, family: str, model, style: str, seed: int = 0) -> Path:  # noqa: ANN001
+    if style not in WRITERS:
+        raise ValueError(f"unknown LoRA key style {style!r}; use one of {KEY_STYLES}")
+    return WRITERS[style](path, family, model, seed=seed)

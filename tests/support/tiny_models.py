@@ -1,0 +1,117 @@
+"""Tiny real ComfyUI models of the SD1.5, SDXL, SD3 and Flux architectures, with seeded weights.
+
+Each is built by ComfyUI's own model classes (``comfy.supported_models.*``) from a reduced
+config of the real architecture and wrapped in a real ``ModelPatcher``. ComfyUI's layers skip
+weight initialisation, so every parameter is filled from a seeded generator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import comfy.model_patcher
+import comfy.supported_models
+import torch
+
+FAMILIES = ("sd15", "sdxl", "sd3", "flux")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_class: Callable[[dict], object]
+    unet_config: dict
+    latent_channels: int
+    context_dim: int
+    pooled_dim: int | None
+    # keys of the diffusers-style names this family's LoRA fixtures target
+    diffusers_targets: tuple[str, ...] = field(default=())
+
+
+SD15_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
+    "transformer_depth": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1], "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+SDXL_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 64,
+    "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+    "transformer_depth_output": [1, 1, 1, 1], "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+SD3_CONFIG = {
+    "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None,
+    "adm_in_channels": 2048,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+    "num_patches": 1024, "pos_embed_max_size": 32, "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [],
+}
+
+FLUX_CONFIG = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "hidden_size": 64,
+    "num_heads": 2, "axes_dim": [4, 14, 14], "mlp_ratio": 4.0, "theta": 10000, "qkv_bias": True,
+    "guidance_embed": True, "vec_in_dim": 768, "context_in_dim": 4096, "depth": 1, "depth_single_blocks": 1,
+}
+
+UNET_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "resnets.0.conv1")
+MMDIT_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "ff.net.0.proj")
+FLUX_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "proj_mlp", "proj_out")
+
+FAMILY_SPECS: dict[str, Family] = {
+    "sd15": Family("sd15", comfy.supported_models.SD15, SD15_CONFIG, 4, 768, None, UNET_TARGETS),
+    "sdxl": Family("sdxl", comfy.supported_models.SDXL, SDXL_CONFIG, 4, 2048, 1280, UNET_TARGETS),
+    "sd3": Family("sd3", comfy.supported_models.SD3, SD3_CONFIG, 16, 4096, 2048, MMDIT_TARGETS),
+    "flux": Family("flux", comfy.supported_models.Flux, FLUX_CONFIG, 16, 4096, 768, FLUX_TARGETS),
+}
+
+
+def fill_seeded(module: torch.nn.Module, seed: int) -> None:
+    """Fill every parameter: weights ~ N(0, 1/fan_in), norm scales ~ 1, biases ~ N(0, 0.02)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.ndim >= 2:
+                fan_in = math.prod(param.shape[1:])
+                values = torch.randn(param.shape, generator=generator) / math.sqrt(fan_in)
+            elif "norm" in name and name.endswith(("weight", "scale")):
+                values = 1.0 + 0.05 * torch.randn(param.shape, generator=generator)
+            else:
+                values = 0.02 * torch.randn(param.shape, generator=generator)
+            param.copy_(values.to(param.dtype))
+
+
+def build_model(family: str, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """A real, seeded ComfyUI model of ``family`` on the CPU in float32, in a ModelPatcher."""
+    spec = FAMILY_SPECS[family]
+    model_config = spec.model_class(dict(spec.unet_config))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    fill_seeded(model.diffusion_model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def conditioning(family: str, batch: int = 1, tokens: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Keyword arguments for ``BaseModel.apply_model``: a random prompt embedding (and pooled/y)."""
+    spec = FAMILY_SPECS[family]
+    generator = torch.Generator().manual_seed(seed)
+    kwargs: dict[str, torch.Tensor] = {"c_crossattn": torch.randn(batch, tokens, spec.context_dim, generator=generator)}
+    if family == "sdxl":
+        kwargs["y"] = torch.randn(batch, SDXL_CONFIG["adm_in_channels"], generator=generator)
+    elif spec.pooled_dim is not None:
+        kwargs["y"] = torch.randn(batch, spec.pooled_dim, generator=generator)
+    if family == "flux":
+        kwargs["guidance"] = torch.full((batch,), 3.5)
+    return kwargs
+
+
+def latent(family: str, batch: int = 1, size: int = 16, seed: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, FAMILY_SPECS[family].latent_channels, size, size, generator=generator)

@@ -1,0 +1,167 @@
+"""Small hand-computed examples that pin the exact value of each formula in loratorio_core."""
+
+from __future__ import annotations
+
+import ast
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import loratorio_core as lc
+
+CORE_DIR = Path(lc.__file__).parent
+
+
+def test_core_imports_no_comfyui():
+    forbidden = {"comfy", "comfy_extras", "comfy_api", "folder_paths", "nodes", "execution", "server"}
+    for source in CORE_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            assert not {n.split(".")[0] for n in names} & forbidden, f"{source.name} imports ComfyUI: {names}"
+    code = "import sys, loratorio_core; print(sorted(m for m in sys.modules if m.split('.')[0] in ('comfy', 'folder_paths', 'nodes')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=CORE_DIR.parent, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_noise_and_denoised_conversions():
+    x = torch.tensor([[[[3.0, 1.0]]]])
+    denoised = torch.tensor([[[[1.0, 2.0]]]])
+    eps = lc.denoised_to_noise(x, denoised, torch.tensor([2.0]))
+    assert eps.tolist() == [[[[1.0, -0.5]]]]
+    assert lc.noise_to_denoised(x, eps, 2.0).tolist() == denoised.tolist()
+    with pytest.raises(ValueError, match="sigma must be positive"):
+        lc.denoised_to_noise(x, denoised, 0.0)
+
+
+def test_patch_grid_remainder_rule():
+    assert lc.patch_grid(10, 7, 4) == (3, 2)  # rows of 4, 4, 2 pixels; columns of 4, 3
+    assert lc.patch_grid(5, 5, 64) == (1, 1)
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    full = lc.expand_patches(values, 3, 3, 2)
+    assert full.tolist() == [[1.0, 1.0, 2.0], [1.0, 1.0, 2.0], [3.0, 3.0, 4.0]]
+
+
+def test_patch_cosine_hand_example():
+    # one channel, 2x4 latent, patch size 2: two patches (left, right)
+    base = torch.tensor([[[[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]]])
+    adapter = torch.tensor([[[[1.0, 1.0, -1.0, -1.0], [0.0, 0.0, -1.0, -1.0]]]])
+    s = lc.patch_cosine_similarity(adapter.unsqueeze(0), base, 2)
+    # left: dot 1, |a| sqrt(2), |b| 1 -> 1/sqrt(2); right: exactly opposite -> -1
+    torch.testing.assert_close(s[0, 0, 0], torch.tensor([1 / math.sqrt(2), -1.0]))
+
+
+def test_zero_norm_patches_are_defined():
+    zero = torch.zeros(1, 1, 2, 2)
+    one = torch.ones(1, 1, 2, 2)
+    assert lc.patch_cosine_similarity(zero.unsqueeze(0), zero, 2).item() == 1.0
+    assert lc.patch_cosine_similarity(zero.unsqueeze(0), one, 2).item() == 0.0
+    assert lc.patch_cosine_similarity(one.unsqueeze(0), zero, 2).item() == 0.0
+
+
+def test_softmin_hand_example():
+    s = torch.tensor([0.9, 0.8, 0.7]).reshape(3, 1)
+    w = lc.softmin_weights(s, 0.1)
+    e = torch.exp(torch.tensor([-9.0, -8.0, -7.0]))
+    torch.testing.assert_close(w[:, 0], e / e.sum())
+    assert lc.softmin_weights(s, 0.0)[:, 0].tolist() == [0.0, 0.0, 1.0]
+    ties = lc.softmin_weights(torch.tensor([0.5, 0.5, 0.9]).reshape(3, 1), 0.0)
+    assert ties[:, 0].tolist() == [0.5, 0.5, 0.0]
+    keep = torch.tensor([True, True, False]).reshape(3, 1)
+    masked = lc.softmin_weights(s, 0.1, keep)
+    torch.testing.assert_close(masked[:, 0], torch.tensor([math.exp(-9) / (math.exp(-9) + math.exp(-8)), 1 / (1 + math.exp(-1)), 0.0]))
+
+
+def test_loratorio_hand_example():
+    # 1 sample, 1 channel, 1x2 latent, patch size 1: each pixel is a patch
+    base_c = torch.tensor([[[[1.0, 1.0]]]])
+    base_u = torch.tensor([[[[0.0, 0.0]]]])
+    a1 = torch.tensor([[[[1.0, -1.0]]]])  # agrees with the base left (s=1), opposes it right (s=-1)
+    a2 = torch.tensor([[[[-2.0, 2.0]]]])  # opposes left (s=-1), agrees right (s=1)
+    u1, u2 = torch.tensor([[[[1.0, 1.0]]]]), torch.tensor([[[[3.0, 3.0]]]])
+    params = lc.LoRAtorioParams(patch_size=1, temperature=1.0, recentre_lambda=0.5)
+    r = lc.loratorio(base_c, base_u, torch.stack([a1, a2]), torch.stack([u1, u2]), 2.0, params)
+    lo, hi = 1 / (1 + math.exp(2)), 1 / (1 + math.exp(-2))  # SoftMin of (1, -1) with T = 1
+    torch.testing.assert_close(r.weights[:, 0, 0, 0], torch.tensor([[lo, hi], [hi, lo]]))
+    cond = torch.tensor([lo * 1 + hi * -2, hi * -1 + lo * 2])
+    uncond = 0.5 * 0 + 0.5 * torch.tensor([lo * 1 + hi * 3, hi * 1 + lo * 3])
+    torch.testing.assert_close(r.cond[0, 0, 0], cond)
+    torch.testing.assert_close(r.uncond[0, 0, 0], uncond)
+    torch.testing.assert_close(r.guided[0, 0, 0], uncond + 2.0 * (cond - uncond))
+
+
+def test_lambda_one_needs_no_adapter_unconds():
+    base = torch.randn(1, 4, 8, 8)
+    adapters = torch.randn(3, 1, 4, 8, 8)
+    r = lc.loratorio(base, base * 0.5, adapters, None, 7.0, lc.LoRAtorioParams(recentre_lambda=1.0))
+    assert torch.equal(r.uncond, base * 0.5)
+    assert not lc.LoRAtorioParams(recentre_lambda=1.0).needs_adapter_unconds
+    with pytest.raises(ValueError, match="needs the adapters' unconditional predictions"):
+        lc.loratorio(base, base, adapters, None, 7.0, lc.LoRAtorioParams(recentre_lambda=0.5))
+
+
+def test_top_k_hand_example():
+    # 3 adapters, 1 sample, 1x2 patches
+    s = torch.tensor([[[[0.9, 0.1]]], [[[0.5, 0.5]]], [[[0.1, 0.9]]]])
+    assert lc.top_k_mask(s, 1, "patch")[:, 0, 0].tolist() == [[False, True], [False, False], [True, False]]
+    # per image the means are 0.5, 0.5, 0.5: a tie, broken by adapter order
+    assert lc.top_k_mask(s, 2, "image")[:, 0, 0, 0].tolist() == [True, True, False]
+
+
+def test_composite_hand_example():
+    conds = torch.tensor([1.0, 3.0]).reshape(2, 1, 1, 1, 1)
+    unconds = torch.tensor([0.0, 2.0]).reshape(2, 1, 1, 1, 1)
+    r = lc.lora_composite(conds, unconds, 3.0)
+    assert (r.cond.item(), r.uncond.item(), r.guided.item()) == (2.0, 1.0, 4.0)
+
+
+def test_switch_schedule_hand_example():
+    schedule = lc.SwitchSchedule(3, tau=2, order=(2, 0, 1))
+    assert [schedule.adapter_at_step(i) for i in range(8)] == [2, 2, 0, 0, 1, 1, 2, 2]
+    sigmas = [14.6, 7.0, 3.0, 1.0, 0.0]
+    assert [lc.step_index(s, sigmas) for s in (14.6, 10.0, 7.0, 5.0, 3.0, 0.5, 0.03)] == [0, 0, 1, 1, 2, 3, 3]
+    # heun evaluates step 1 at 7.0 and at 3.0; the corrector at 3.0 sees step 2's adapter
+    assert schedule.active_adapter(torch.tensor([7.0]), sigmas) == 2
+    assert schedule.active_adapter(5.0, torch.tensor(sigmas)) == 2
+    assert schedule.active_adapter(3.0, sigmas) == 0
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: lc.patch_cosine_similarity(torch.zeros(2, 4, 8, 8), torch.zeros(4, 8, 8), 2), r"\[B, C, H, W\]"),
+        (lambda: lc.patch_cosine_similarity(torch.zeros(2, 1, 4, 8, 8), torch.zeros(1, 4, 8, 9), 2), "same shape"),
+        (lambda: lc.patch_cosine_similarity(torch.zeros(0, 1, 4, 8, 8), torch.zeros(1, 4, 8, 8), 2), "no adapter"),
+        (lambda: lc.patch_grid(8, 8, 0), "patch_size"),
+        (lambda: lc.softmin_weights(torch.zeros(2, 1), -1.0), "temperature"),
+        (lambda: lc.top_k_mask(torch.zeros(2, 1, 1, 1), 0), "top_k"),
+        (lambda: lc.top_k_mask(torch.zeros(2, 1, 1, 1), 1, "pixel"), "mode"),
+        (lambda: lc.LoRAtorioParams(recentre_lambda=1.5), "recentre_lambda"),
+        (lambda: lc.SwitchSchedule(2, tau=0), "tau"),
+        (lambda: lc.SwitchSchedule(2, order=(0, 0)), "order"),
+        (lambda: lc.step_index(1.0, [1.0]), "at least 2"),
+        (lambda: lc.lora_composite(torch.zeros(2, 1, 1, 2, 2), torch.zeros(3, 1, 1, 2, 2), 1.0), "one of each"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
+
+
+def test_weight_map_history_and_colours():
+    history = lc.WeightMapHistory()
+    weights = torch.tensor([1.0, 0.0]).reshape(2, 1, 1, 1, 1).expand(2, 1, 1, 3, 4)
+    history.record(weights)
+    history.record(weights.flip(0))
+    maps = history.maps()
+    assert maps.shape == (2, 2, 3, 4)
+    palette = lc.adapter_palette(2)
+    image = lc.colourise(maps[0], palette)
+    assert image.shape == (3, 4, 3)
+    torch.testing.assert_close(image[0, 0], palette[0])
+    torch.testing.assert_close(lc.colourise(maps[1], palette)[0, 0], palette[1])
