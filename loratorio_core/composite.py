@@ -31,7 +31,9 @@ def lora_composite(adapter_conds: Tensor, adapter_unconds: Tensor, cfg_scale: fl
         raise ValueError(f"adapter_conds must have shape [N, B, C, H, W], got {tuple(adapter_conds.shape)}")
     check_stack(adapter_unconds, adapter_conds[0], "adapter_unconds")
     if adapter_unconds.shape[0] != adapter_conds.shape[0]:
-        raise ValueError(f"got {adapter_conds.shape[0]} adapter conds but {adapter_unconds.shape[0]} unconds; give one of each per adapter")
+        raise ValueError(
+            f"got {adapter_conds.shape[0]} adapter conds but {adapter_unconds.shape[0]} unconds; give one of each per adapter"
+        )
     cond = adapter_mean(adapter_conds)
     uncond = adapter_mean(adapter_unconds)
     return CompositeResult(cond=cond, uncond=uncond, guided=classifier_free_guidance(cond, uncond, cfg_scale))

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .patches import check_patch_size, expand_patches, patch_cosine_similarity
-from .tensors import classifier_free_guidance, check_latent, check_stack
+from .tensors import check_latent, check_stack, classifier_free_guidance
 from .weights import TopKMode, check_temperature, check_top_k, check_top_k_mode, softmin_weights, top_k_mask
 
 DEFAULT_PATCH_SIZE = 8
@@ -59,7 +59,9 @@ class LoRAtorioParams:
         check_patch_size(self.patch_size)
         check_temperature(self.temperature)
         if not 0.0 <= self.recentre_lambda <= 1.0:
-            raise ValueError(f"recentre_lambda must lie in [0, 1] (1 = the base model's uncond only), got {self.recentre_lambda!r}")
+            raise ValueError(
+                f"recentre_lambda must lie in [0, 1] (1 = the base model's uncond only), got {self.recentre_lambda!r}"
+            )
         if self.top_k is not None:
             check_top_k(self.top_k)
         check_top_k_mode(self.top_k_mode)

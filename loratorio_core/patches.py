@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.functional import pad
 
 from .tensors import SIMILARITY_DTYPE, check_latent, check_stack
 
@@ -36,7 +36,7 @@ def _patch_sums(values: Tensor, patch_size: int) -> Tensor:
     """Sum ``values [..., C, H, W]`` over channels and each patch: ``[..., rows, cols]``."""
     height, width = values.shape[-2:]
     rows, cols = patch_grid(height, width, patch_size)
-    padded = F.pad(values.sum(dim=-3), (0, cols * patch_size - width, 0, rows * patch_size - height))
+    padded = pad(values.sum(dim=-3), (0, cols * patch_size - width, 0, rows * patch_size - height))
     lead = padded.shape[:-2]
     blocks = padded.reshape(*lead, rows, patch_size, cols, patch_size)
     return blocks.sum(dim=(-3, -1))

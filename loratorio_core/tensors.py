@@ -33,8 +33,7 @@ def check_stack(stack: Tensor, like: Tensor, name: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor of shape [N, B, C, H, W], got {type(stack).__name__}")
     if stack.ndim != 5:
         raise ValueError(
-            f"{name} must stack one [B, C, H, W] prediction per adapter as [N, B, C, H, W], "
-            f"got shape {tuple(stack.shape)}"
+            f"{name} must stack one [B, C, H, W] prediction per adapter as [N, B, C, H, W], got shape {tuple(stack.shape)}"
         )
     if stack.shape[0] < 1:
         raise ValueError(f"{name} holds no adapter (N = 0); give at least one")

@@ -60,12 +60,9 @@ def softmin_weights(similarity: Tensor, temperature: float, keep: Tensor | None 
     if temperature == 0:
         winners = (keep & (s == lowest)).to(SIMILARITY_DTYPE)
         return winners / winners.sum(dim=0, keepdim=True)
-    if math.isinf(temperature):
-        scores = torch.zeros_like(s)
-    else:
-        # shifting by the lowest similarity keeps one score at 0, so a tiny T cannot
-        # underflow every exponent of a position to zero
-        scores = -(s - lowest) / temperature
+    # shifting by the lowest similarity keeps one score at 0, so a tiny T cannot
+    # underflow every exponent of a position to zero
+    scores = torch.zeros_like(s) if math.isinf(temperature) else -(s - lowest) / temperature
     return torch.softmax(scores.masked_fill(~keep, -math.inf), dim=0)
 
 

@@ -20,7 +20,7 @@ FAILED_MODULES: dict[str, str] = {}
 for _name in NODE_MODULES:
     try:
         _module = importlib.import_module(f".{_name}", __name__)
-    except Exception as error:  # noqa: BLE001 - any failure of one module must not stop the pack
+    except Exception as error:
         FAILED_MODULES[_name] = f"{type(error).__name__}: {error}"
         LOG.exception("comfyui-loratorio: the node module %r failed to load; its nodes are unavailable", _name)
         continue

@@ -26,9 +26,7 @@ def as_lora_stack(value: object) -> list[LoraStackEntry]:
     entries = []
     for position, row in enumerate(value, start=1):
         if not isinstance(row, (list, tuple)) or len(row) != 3:
-            raise ValueError(
-                f"LORA_STACK row {position} is {row!r}; each row must be (lora_name, model_strength, clip_strength)"
-            )
+            raise ValueError(f"LORA_STACK row {position} is {row!r}; each row must be (lora_name, model_strength, clip_strength)")
         name, model_strength, clip_strength = row
         if not isinstance(name, str) or not name:
             raise ValueError(f"LORA_STACK row {position} has no LoRA file name: {row!r}")

@@ -31,7 +31,7 @@ class LoRAMerge:
             "optional": {"clip": ("CLIP", {"tooltip": "The text encoder; left out, only the model is patched."})},
         }
 
-    def merge(self, model, lora_stack, clip=None):  # noqa: ANN001 - ComfyUI objects
+    def merge(self, model, lora_stack, clip=None):
         for entry in as_lora_stack(lora_stack):
             clip_strength = entry.clip_strength if clip is not None else 0.0
             if entry.model_strength == 0 and clip_strength == 0:

@@ -69,7 +69,9 @@ def test_single_adapter_returns_that_adapter(inputs, temperature, lam):
 def test_identical_adapters_get_equal_weights_and_compose_to_that_prediction(inputs, copies, temperature):
     base, one, p = inputs
     adapters = one.expand(copies, *one.shape[1:]).clone()
-    result = lc.loratorio(base, base, adapters, None, 1.0, lc.LoRAtorioParams(patch_size=p, temperature=temperature, recentre_lambda=1.0))
+    result = lc.loratorio(
+        base, base, adapters, None, 1.0, lc.LoRAtorioParams(patch_size=p, temperature=temperature, recentre_lambda=1.0)
+    )
     torch.testing.assert_close(result.weights, torch.full_like(result.weights, 1.0 / copies))
     torch.testing.assert_close(result.cond, one[0])
 
@@ -176,7 +178,7 @@ def test_switch_gives_every_adapter_tau_steps_in_turn(count, tau, steps):
 
 @given(st.lists(st.floats(0.01, 100.0), min_size=2, max_size=40, unique=True), st.floats(0.0, 1.0))
 def test_switch_step_index_is_robust_between_listed_sigmas(raw, fraction):
-    sigmas = sorted(raw, reverse=True) + [0.0]
+    sigmas = [*sorted(raw, reverse=True), 0.0]
     steps = len(sigmas) - 1
     for i in range(steps):
         assert lc.step_index(sigmas[i], sigmas) == i

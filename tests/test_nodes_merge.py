@@ -1,0 +1,88 @@
+"""MultiLoRALoader and the LoRAMerge baseline inside the real ComfyUI node API."""
+
+from __future__ import annotations
+
+import comfy.model_management
+import nodes as comfy_nodes
+import pytest
+import torch
+
+from support.lora_files import write_lora
+from support.tiny_models import conditioning, latent
+
+
+def predict(patcher) -> torch.Tensor:
+    comfy.model_management.load_models_gpu([patcher])
+    with torch.no_grad():
+        out = patcher.model.apply_model(latent("sd15"), torch.tensor([2.0]), **conditioning("sd15"))
+    comfy.model_management.unload_all_models()
+    return out
+
+
+@pytest.fixture
+def sd15_loras(loras_folder, tiny_model_factory):
+    model = tiny_model_factory("sd15").model
+    return [
+        write_lora(loras_folder / f"{style}.safetensors", "sd15", model, style, seed=i).name
+        for i, style in enumerate(("kohya", "peft", "comfy"))
+    ]
+
+
+def test_nodes_are_registered(pack):
+    assert {"MultiLoRALoader", "LoRAMerge"} <= set(pack.NODE_CLASS_MAPPINGS)
+    assert pack.WEB_DIRECTORY == "./web"
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        assert name in pack.NODE_DISPLAY_NAME_MAPPINGS
+        assert cls.CATEGORY.startswith("loratorio")
+        cls.INPUT_TYPES()
+
+
+def test_multi_lora_loader_collects_enabled_rows_in_order(pack, sd15_loras):
+    loader = pack.NODE_CLASS_MAPPINGS["MultiLoRALoader"]()
+    incoming = [(sd15_loras[2], 0.3, 0.2)]
+    (stack,) = loader.collect(
+        lora_stack=incoming,
+        lora_1=sd15_loras[0],
+        strength_1=0.8,
+        enabled_1=True,
+        lora_2=sd15_loras[1],
+        strength_2=1.0,
+        enabled_2=False,
+        lora_3="None",
+        strength_3=1.0,
+        enabled_3=True,
+        lora_4=sd15_loras[1],
+        strength_4=-0.5,
+        enabled_4=True,
+    )
+    assert [tuple(e) for e in stack] == [(sd15_loras[2], 0.3, 0.2), (sd15_loras[0], 0.8, 0.8), (sd15_loras[1], -0.5, -0.5)]
+    assert incoming == [(sd15_loras[2], 0.3, 0.2)], "the incoming stack must not be modified"
+    assert sd15_loras[0] in pack.NODE_CLASS_MAPPINGS["MultiLoRALoader"].INPUT_TYPES()["optional"]["lora_1"][0]
+
+
+def test_lora_merge_equals_chained_lora_loaders(pack, sd15_loras, tiny_model_factory):
+    base = tiny_model_factory("sd15")
+    before = predict(base)
+    stack = [(sd15_loras[0], 0.7, 0.7), (sd15_loras[1], 1.2, 1.2)]
+    (merged, clip) = pack.NODE_CLASS_MAPPINGS["LoRAMerge"]().merge(base, stack)
+    assert clip is None
+    chained = base
+    for name, strength, _ in stack:
+        (chained,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(chained, name, strength)
+    torch.testing.assert_close(predict(merged), predict(chained), rtol=0, atol=0)
+    assert not torch.allclose(predict(merged), before, atol=1e-3)
+    torch.testing.assert_close(predict(base), before, rtol=0, atol=0)  # the input MODEL is untouched
+
+
+@pytest.mark.parametrize(
+    ("stack", "message"),
+    [
+        ([("missing.safetensors", 1.0, 1.0)], "missing.safetensors' is not in ComfyUI's loras folders"),
+        ("a string", "LORA_STACK must be a list"),
+        ([("x.safetensors", 1.0)], "row 1"),
+        ([("x.safetensors", "strong", 1.0)], "non-numeric strengths"),
+    ],
+)
+def test_bad_lora_stacks_raise_clear_errors(pack, loras_folder, stack, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        pack.NODE_CLASS_MAPPINGS["MultiLoRALoader"]().collect(lora_stack=stack)
