@@ -13,16 +13,24 @@ LOG = logging.getLogger("comfyui-loratorio")
 
 NODE_MODULES = ("loaders", "merge")
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
-FAILED_MODULES: dict[str, str] = {}
 
-for _name in NODE_MODULES:
-    try:
-        _module = importlib.import_module(f".{_name}", __name__)
-    except Exception as error:
-        FAILED_MODULES[_name] = f"{type(error).__name__}: {error}"
-        LOG.exception("comfyui-loratorio: the node module %r failed to load; its nodes are unavailable", _name)
-        continue
-    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
-    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+def collect_node_modules(
+    package: str, module_names: tuple[str, ...]
+) -> tuple[dict[str, type], dict[str, str], dict[str, str]]:
+    """Import ``package.<name>`` for each name: (class mappings, display names, failures by module)."""
+    classes: dict[str, type] = {}
+    display_names: dict[str, str] = {}
+    failures: dict[str, str] = {}
+    for name in module_names:
+        try:
+            module = importlib.import_module(f".{name}", package)
+        except Exception as error:
+            failures[name] = f"{type(error).__name__}: {error}"
+            LOG.exception("comfyui-loratorio: node module %r failed to load; its nodes are unavailable", name)
+            continue
+        classes.update(module.NODE_CLASS_MAPPINGS)
+        display_names.update(module.NODE_DISPLAY_NAME_MAPPINGS)
+    return classes, display_names, failures
+
+
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, FAILED_MODULES = collect_node_modules(__name__, NODE_MODULES)

@@ -86,3 +86,13 @@ def test_lora_merge_equals_chained_lora_loaders(pack, sd15_loras, tiny_model_fac
 def test_bad_lora_stacks_raise_clear_errors(pack, loras_folder, stack, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         pack.NODE_CLASS_MAPPINGS["MultiLoRALoader"]().collect(lora_stack=stack)
+
+
+def test_a_failing_node_module_does_not_take_the_pack_down(pack, caplog):
+    collect = pack.nodes.collect_node_modules
+    with caplog.at_level("ERROR"):
+        classes, names, failures = collect(pack.nodes.__name__, ("loaders", "no_such_module", "merge"))
+    assert {"MultiLoRALoader", "LoRAMerge"} <= set(classes) and set(classes) == set(names)
+    assert list(failures) == ["no_such_module"] and "ModuleNotFoundError" in failures["no_such_module"]
+    assert "no_such_module" in caplog.text
+    assert pack.nodes.FAILED_MODULES == {}
