@@ -14,9 +14,7 @@ LOG = logging.getLogger("comfyui-loratorio")
 NODE_MODULES = ("loaders", "merge")
 
 
-def collect_node_modules(
-    package: str, module_names: tuple[str, ...]
-) -> tuple[dict[str, type], dict[str, str], dict[str, str]]:
+def collect_node_modules(package: str, module_names: tuple[str, ...]) -> tuple[dict[str, type], dict[str, str], dict[str, str]]:
     """Import ``package.<name>`` for each name: (class mappings, display names, failures by module)."""
     classes: dict[str, type] = {}
     display_names: dict[str, str] = {}
