@@ -8,7 +8,8 @@ not copy). ``tau = 5`` is the paper's best value.
 Mapping a model evaluation to its step: the sampler lists ``sigmas = [s_0 > s_1 > ... > s_n]`` and
 step ``i`` integrates from ``s_i`` to ``s_{i+1}``. An evaluation at ``sigma`` belongs to the step
 ``i = max{j < n : s_j > sigma}``, unless ``sigma`` equals a listed ``s_j`` up to a relative
-tolerance (float noise), in which case it is step ``j``. Evaluations between two listed sigmas
+tolerance (float noise, 1e-4), in which case it is step ``j``; listed sigmas closer to each other
+than that cannot be told apart (no real schedule has them). Evaluations between two listed sigmas
 (dpm_2, uni_pc, SDE midpoints) therefore belong to the step they fall in. Second-order samplers
 that evaluate exactly at ``s_{i+1}`` (heun's corrector) see the adapter of step ``i + 1`` there,
 which only differs at a switch boundary.

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import loratorio_core as lc
 
 settings.register_profile("loratorio", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile("loratorio")
+# CI replays the same examples on every run; locally each run explores new ones
+settings.register_profile("ci", parent=settings.get_profile("loratorio"), derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") else "loratorio")
 
 
 @st.composite
@@ -180,6 +183,8 @@ def test_switch_gives_every_adapter_tau_steps_in_turn(count, tau, steps):
 def test_switch_step_index_is_robust_between_listed_sigmas(raw, fraction):
     sigmas = [*sorted(raw, reverse=True), 0.0]
     steps = len(sigmas) - 1
+    # listed sigmas closer than the float-noise tolerance cannot be told apart (no schedule has them)
+    assume(all(sigmas[i + 1] < sigmas[i] * (1 - 1e-3) for i in range(steps - 1)))
     for i in range(steps):
         assert lc.step_index(sigmas[i], sigmas) == i
         assert lc.step_index(sigmas[i] * (1 + 1e-6), sigmas) == i  # float noise above a listed sigma
