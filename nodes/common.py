@@ -35,3 +35,78 @@ def as_lora_stack(value: object) -> list[LoraStackEntry]:
         except (TypeError, ValueError):
             raise ValueError(f"LORA_STACK row {position} has non-numeric strengths: {row!r}") from None
     return entries
+
+
+def tip(text: str, **options: object) -> dict:
+    return {"tooltip": text, **options}
+
+
+def composition_inputs() -> dict[str, tuple]:
+    """The inputs every composition node shares."""
+    return {
+        "model": ("MODEL", tip("The base diffusion model; its weights are never changed.")),
+        "positive": ("CONDITIONING", tip("The prompt, encoded once with the base text encoder; every adapter sees it.")),
+        "negative": ("CONDITIONING", tip("The negative prompt (unused at cfg 1, e.g. Flux-dev).")),
+        "lora_stack": (LORA_STACK, tip("The LoRAs to compose, e.g. from Multi-LoRA Loader.")),
+        "cfg": ("FLOAT", tip("Classifier-free guidance scale.", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01)),
+    }
+
+
+def loratorio_inputs() -> dict[str, tuple]:
+    """LoRAtorio's open parameters, with the defaults of ``loratorio_core``."""
+    import loratorio_core as lc
+
+    return {
+        "patch_size": (
+            "INT",
+            tip("Patch side in latent pixels (8 = 64 image pixels).", default=lc.DEFAULT_PATCH_SIZE, min=1, max=256),
+        ),
+        "temperature": (
+            "FLOAT",
+            tip(
+                "SoftMin temperature T: lower routes harder, higher blends.",
+                default=lc.DEFAULT_TEMPERATURE,
+                min=0.0,
+                max=100.0,
+                step=0.005,
+            ),
+        ),
+        "recentre_lambda": (
+            "FLOAT",
+            tip(
+                "Weight of the base model's uncond in the re-centred uncond; 1 skips the adapters' unconds.",
+                default=lc.DEFAULT_LAMBDA,
+                min=0.0,
+                max=1.0,
+                step=0.05,
+            ),
+        ),
+        "top_k": (
+            "INT",
+            tip("Dynamic pool: keep the k most divergent adapters per step; 0 keeps all.", default=0, min=0, max=64),
+        ),
+        "top_k_mode": (
+            list(lc.TOP_K_MODES),
+            tip("Rank adapters per image or separately in every patch.", default=lc.DEFAULT_TOP_K_MODE),
+        ),
+    }
+
+
+def ksampler_inputs() -> dict[str, tuple]:
+    """KSampler's own inputs, so the all-in-one samplers drop in where a KSampler was."""
+    import comfy.samplers
+
+    return {
+        "seed": (
+            "INT",
+            tip("The random seed of the noise.", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+        ),
+        "steps": ("INT", tip("Denoising steps.", default=20, min=1, max=10000)),
+        "sampler_name": (comfy.samplers.SAMPLER_NAMES, tip("The sampling algorithm.")),
+        "scheduler": (comfy.samplers.SCHEDULER_NAMES, tip("The noise schedule.")),
+        "latent_image": ("LATENT", tip("The latent to denoise.")),
+        "denoise": (
+            "FLOAT",
+            tip("How much of the latent to replace; below 1 keeps some of the input.", default=1.0, min=0.0, max=1.0, step=0.01),
+        ),
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import folder_paths
 
+from ..loratorio_comfy.adapter_set import lora_path
 from .common import CATEGORY, LORA_STACK, NO_LORA, LoraStackEntry, as_lora_stack
 
 MAX_LORA_SLOTS = 8
@@ -11,18 +12,6 @@ MAX_LORA_SLOTS = 8
 
 def lora_file_names() -> list[str]:
     return folder_paths.get_filename_list("loras")
-
-
-def require_lora_file(name: str) -> str:
-    """The full path of a LoRA in ComfyUI's ``loras`` folders, or an error that says where we looked."""
-    path = folder_paths.get_full_path("loras", name)
-    if path is None:
-        folders = ", ".join(folder_paths.get_folder_paths("loras"))
-        raise FileNotFoundError(
-            f"LoRA file '{name}' is not in ComfyUI's loras folders ({folders}). "
-            "Put the file there (or fix the name) and press Refresh in the graph editor."
-        )
-    return path
 
 
 class MultiLoRALoader:
@@ -56,12 +45,12 @@ class MultiLoRALoader:
     def collect(self, lora_stack: object = None, **rows: object) -> tuple[list[LoraStackEntry]]:
         stack = as_lora_stack(lora_stack)
         for entry in stack:
-            require_lora_file(entry.lora_name)
+            lora_path(entry.lora_name)
         for slot in range(1, MAX_LORA_SLOTS + 1):
             name = rows.get(f"lora_{slot}", NO_LORA)
             if name in (None, NO_LORA) or not rows.get(f"enabled_{slot}", True):
                 continue
-            require_lora_file(str(name))
+            lora_path(str(name))
             strength = float(rows.get(f"strength_{slot}", 1.0))  # type: ignore[arg-type]
             stack.append(LoraStackEntry(str(name), strength, strength))
         return (stack,)

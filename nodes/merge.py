@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import comfy.sd
-import comfy.utils
 
+from ..loratorio_comfy.adapter_set import lora_path
+from ..loratorio_comfy.adapters import LORA_FILES
 from .common import CATEGORY, LORA_STACK, as_lora_stack
-from .loaders import require_lora_file
 
 
 class LoRAMerge:
@@ -36,7 +36,7 @@ class LoRAMerge:
             clip_strength = entry.clip_strength if clip is not None else 0.0
             if entry.model_strength == 0 and clip_strength == 0:
                 continue
-            lora = comfy.utils.load_torch_file(require_lora_file(entry.lora_name), safe_load=True)
+            lora = LORA_FILES.load(lora_path(entry.lora_name), entry.lora_name)
             model, clip = comfy.sd.load_lora_for_models(model, clip, lora, entry.model_strength, clip_strength)
         return (model, clip)
 

@@ -1,0 +1,203 @@
+"""Reading LoRA files into low-rank factors for the per-row path, through ComfyUI's own parser.
+
+ComfyUI's key maps (``comfy.lora.model_lora_keys_unet``), format conversion
+(``comfy.lora_convert.convert_lora``) and adapter parser (``comfy.lora.load_lora``) decide which
+layer each tensor of a file belongs to, so every key style ComfyUI reads (kohya, diffusers/PEFT,
+LyCORIS, ComfyUI, fused-qkv slices of SD3 and Flux) is read the same way here. What the per-row
+path cannot express (LoHa, LoKr, OFT, DoRA, Tucker LoCon, full diffs) is kept as ComfyUI patches
+for the hooks fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import comfy.lora
+import comfy.lora_convert
+import comfy.utils
+import comfy.weight_adapter
+import safetensors
+import torch
+
+LOG = logging.getLogger("comfyui-loratorio")
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+DIFFUSION_PREFIX = "diffusion_model."
+
+
+class LoRAFileError(ValueError):
+    """A LoRA file cannot be used; the message names the file, the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class LowRankFactor:
+    """``delta_W = scale * up @ down`` for one layer, optionally on a slice of its output rows.
+
+    ``down``: ``[rank, in]`` (linear) or ``[rank, in, kh, kw]`` (conv); ``up``: ``[out, rank]``
+    (a conv's 1x1 up is flattened). ``scale`` is ``alpha / rank`` (1 without alpha); the user's
+    strength is applied later. ``rows`` is ``(start, size)`` of a fused output, or None.
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+    rows: tuple[int, int] | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+@dataclass
+class ParsedLoRA:
+    """A LoRA file read against one model: per-row factors by module name, and the rest."""
+
+    name: str
+    factors: dict[str, list[LowRankFactor]] = field(default_factory=dict)  # module name -> factors
+    fallback_patches: dict[object, object] = field(default_factory=dict)  # ComfyUI patches for the hooks path
+    matched: int = 0
+    total: int = 0
+
+    @property
+    def needs_fallback(self) -> bool:
+        return bool(self.fallback_patches)
+
+
+def _lora_stems(state: dict[str, torch.Tensor]) -> set[str]:
+    """The distinct layer names of a file: keys without their ``.lora_*``/``.alpha``-style suffix."""
+    stems = set()
+    for key in state:
+        for marker in (".lora_", "_lora.", ".lora.", ".alpha", ".hada_", ".lokr_", ".oft_", ".diff", ".dora_scale", ".w_norm"):
+            if marker in key:
+                stems.add(key.split(marker)[0])
+                break
+        else:
+            stems.add(key.rsplit(".", 1)[0])
+    return stems
+
+
+def guess_file_family(keys: list[str]) -> str:
+    """A human description of which model family a LoRA's keys look like, for error messages."""
+    text = " ".join(keys[:4000])
+    if "double_blocks" in text or "single_blocks" in text or "single_transformer_blocks" in text:
+        return "Flux"
+    if "joint_blocks" in text or "context_block" in text or ("transformer_blocks" in text and "add_q_proj" in text):
+        return "SD3"
+    if "lora_te2_" in text or "text_encoder_2" in text or "label_emb" in text or "add_embedding" in text:
+        return "SDXL"
+    if "down_blocks" in text or "input_blocks" in text or "lora_unet_" in text:
+        return "an SD1.5/SDXL-style UNet"
+    return "an unknown architecture"
+
+
+def model_family_name(model) -> str:
+    return type(model.model_config).__name__
+
+
+def read_safetensors(path: str, display_name: str) -> dict[str, torch.Tensor]:
+    """Load a ``.safetensors`` file; anything else is refused (never unpickled)."""
+    if not path.lower().endswith(SAFETENSORS_SUFFIXES):
+        raise LoRAFileError(
+            f"LoRA '{display_name}' is not a .safetensors file. Pickled formats (.ckpt, .pt, .bin) can run code when "
+            "loaded and are refused; convert the file to .safetensors."
+        )
+    try:
+        return comfy.utils.load_torch_file(path, safe_load=True)
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise LoRAFileError(
+            f"LoRA '{display_name}' could not be read as safetensors ({error}); the file is truncated or corrupt. "
+            "Download or copy it again."
+        ) from None
+
+
+def _as_factor(adapter: object, target_shape: torch.Size, offset: tuple[int, int, int] | None) -> LowRankFactor | None:
+    """The per-row form of a ComfyUI adapter, or None when only the merge path can apply it."""
+    if not isinstance(adapter, comfy.weight_adapter.LoRAAdapter):
+        return None
+    up, down, alpha, mid, dora_scale, reshape = adapter.weights
+    if mid is not None or dora_scale is not None or reshape is not None:
+        return None
+    if offset is not None and offset[0] != 0:
+        return None
+    rank = down.shape[0]
+    out_features = target_shape[0] if offset is None else offset[2]
+    if up.shape[0] != out_features or down.ndim not in (2, 4) or up.flatten(1).shape[1] != rank:
+        return None
+    scale = float(alpha) / rank if alpha is not None else 1.0
+    return LowRankFactor(
+        down=down.float(), up=up.flatten(1).float(), scale=scale, rows=None if offset is None else (offset[1], offset[2])
+    )
+
+
+def parse_lora(state: dict[str, torch.Tensor], model, display_name: str) -> ParsedLoRA:
+    """Split a LoRA state dict into per-row factors and fallback patches for ``model`` (a BaseModel)."""
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(state), key_map, log_missing=False)
+    model_state = model.state_dict()
+    parsed = ParsedLoRA(name=display_name, total=len(_lora_stems(state)), matched=len(patches))
+    for target, adapter in patches.items():
+        key, offset = (target, None) if isinstance(target, str) else target
+        weight = model_state.get(key)
+        factor = None
+        if weight is not None and key.startswith(DIFFUSION_PREFIX) and key.endswith(".weight"):
+            factor = _as_factor(adapter, weight.shape, offset)
+        if factor is None:
+            parsed.fallback_patches[target] = adapter
+        else:
+            module = key[len(DIFFUSION_PREFIX) : -len(".weight")]
+            parsed.factors.setdefault(module, []).append(factor)
+    if not patches:
+        sample = ", ".join(sorted(state)[:3])
+        raise LoRAFileError(
+            f"LoRA '{display_name}' matches none of the layers of this model ({model_family_name(model)}); the file looks "
+            f"made for {guess_file_family(sorted(state))} (keys like {sample}). Use a LoRA trained for this model's family."
+        )
+    if parsed.matched < parsed.total:
+        LOG.warning(
+            "comfyui-loratorio: LoRA '%s' matched %d of its %d layers to this model (%s); the rest is ignored",
+            display_name,
+            parsed.matched,
+            parsed.total,
+            model_family_name(model),
+        )
+    return parsed
+
+
+class LoRAFileCache:
+    """A bounded cache of parsed LoRA state dicts, invalidated when a file changes on disk."""
+
+    def __init__(self, max_entries: int = 16) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[tuple[float, int], dict[str, torch.Tensor]]] = OrderedDict()
+
+    def load(self, path: str, display_name: str) -> dict[str, torch.Tensor]:
+        try:
+            stat = os.stat(path)
+        except OSError as error:
+            raise LoRAFileError(f"LoRA '{display_name}' cannot be opened: {error}") from None
+        stamp = (stat.st_mtime, stat.st_size)
+        cached = self._entries.get(path)
+        if cached is not None and cached[0] == stamp:
+            self._entries.move_to_end(path)
+            return cached[1]
+        state = read_safetensors(path, display_name)
+        self._entries[path] = (stamp, state)
+        self._entries.move_to_end(path)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return state
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+LORA_FILES = LoRAFileCache()
+
+
+def check_strength(name: str, strength: float) -> float:
+    if not math.isfinite(strength):
+        raise LoRAFileError(f"LoRA '{name}' has strength {strength}; use a finite number (e.g. 1.0)")
+    return float(strength)

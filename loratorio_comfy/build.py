@@ -1,0 +1,38 @@
+"""Guiders built from node inputs: the one place that turns widget values into method objects."""
+
+from __future__ import annotations
+
+import loratorio_core as lc
+
+from .adapter_set import AdapterSet
+from .guiders import LoRACompositeGuider, LoRASwitchGuider, LoRAtorioGuider
+
+
+def _adapters(model, lora_stack) -> AdapterSet:
+    return AdapterSet(model.model, [(name, model_strength) for name, model_strength, _ in lora_stack])
+
+
+def loratorio_guider(model, positive, negative, lora_stack, cfg, patch_size, temperature, recentre_lambda, top_k, top_k_mode):
+    params = lc.LoRAtorioParams(
+        patch_size=patch_size,
+        temperature=temperature,
+        recentre_lambda=recentre_lambda,
+        top_k=top_k if top_k > 0 else None,
+        top_k_mode=top_k_mode,
+    )
+    guider = LoRAtorioGuider(model, _adapters(model, lora_stack), cfg, params)
+    guider.set_conds(positive, negative)
+    return guider
+
+
+def composite_guider(model, positive, negative, lora_stack, cfg):
+    guider = LoRACompositeGuider(model, _adapters(model, lora_stack), cfg)
+    guider.set_conds(positive, negative)
+    return guider
+
+
+def switch_guider(model, positive, negative, lora_stack, cfg, tau):
+    adapters = _adapters(model, lora_stack)
+    guider = LoRASwitchGuider(model, adapters, cfg, lc.SwitchSchedule(len(adapters), tau))
+    guider.set_conds(positive, negative)
+    return guider

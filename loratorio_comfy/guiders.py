@@ -1,0 +1,184 @@
+"""Guiders that compose adapters per step, for ``SamplerCustomAdvanced`` and our sampler nodes.
+
+Each guider is a thin ``comfy.samplers.CFGGuider``: per step it names the rows it needs as
+``(cond list, adapter)`` pairs, gets them from ONE ``calc_cond_batch`` call (ComfyUI batches them
+into as few forwards as memory allows; the per-row LoRA hooks give each row its adapter), combines
+them with ``loratorio_core`` and finishes with ``comfy.samplers.cfg_function`` so pre/post-CFG
+hooks and the CFG++ samplers keep working. The per-row hooks exist only while ``sample`` runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.samplers
+import torch
+
+import loratorio_core as lc
+
+from .adapter_set import AdapterSet
+from .row_lora import BASE_ROW, ROW_MAP_KEY, apply_model_with_rows, row_loras_installed
+
+WRAPPER_KEY = "loratorio"
+POSITIVE, NEGATIVE = "positive", "negative"
+
+
+def reserve_memory_for_rows(rows_per_step: int, executor, model, noise_shape, conds, model_options=None):
+    """``PREPARE_SAMPLING`` wrapper: ComfyUI reserves memory for 2 rows; reserve it for the real count."""
+    scaled = [max(1, math.ceil(noise_shape[0] * rows_per_step / 2)), *noise_shape[1:]]
+    return executor(model, scaled, conds, model_options=model_options)
+
+
+class AdapterRowsGuider(comfy.samplers.CFGGuider):
+    """Shared machinery: the adapter set, the row batching and the hooks' lifetime."""
+
+    def __init__(self, model_patcher, adapters: AdapterSet, cfg: float) -> None:
+        super().__init__(model_patcher)
+        self.adapters = adapters
+        self.set_cfg(cfg)
+        self.model_options = comfy.model_patcher.create_model_options_clone(model_patcher.model_options)
+        comfy.patcher_extension.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.APPLY_MODEL,
+            WRAPPER_KEY,
+            apply_model_with_rows,
+            self.model_options,
+            is_model_options=True,
+        )
+        comfy.patcher_extension.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING,
+            WRAPPER_KEY,
+            functools.partial(reserve_memory_for_rows, self.rows_per_step()),
+            self.model_options,
+            is_model_options=True,
+        )
+
+    def set_conds(self, positive, negative=None) -> None:
+        """A negative is optional: distilled models (cfg 1) never evaluate it."""
+        conds = {POSITIVE: positive}
+        if negative is not None:
+            conds[NEGATIVE] = negative
+        self.inner_set_conds(conds)
+
+    @property
+    def uses_uncond(self) -> bool:
+        """Distilled models run at cfg 1: no unconditional row is evaluated at all."""
+        return not math.isclose(self.cfg, 1.0)
+
+    def rows_per_step(self) -> int:
+        raise NotImplementedError
+
+    def sample(self, *args, **kwargs):
+        with row_loras_installed(self.model_patcher.model.diffusion_model, self.adapters.stacked_layers()):
+            return super().sample(*args, **kwargs)
+
+    def evaluate(
+        self, rows: list[tuple[str, int]], x: torch.Tensor, timestep: torch.Tensor, model_options: dict
+    ) -> list[torch.Tensor]:
+        """Denoised predictions for ``(cond list name, adapter index or BASE_ROW)`` rows, one batch."""
+        options = model_options.copy()
+        transformer_options = dict(options.get("transformer_options", {}))
+        transformer_options[ROW_MAP_KEY] = {"rows": tuple(adapter for _, adapter in rows), "base_index": len(self.adapters)}
+        options["transformer_options"] = transformer_options
+        conds = [self.conds[name] for name, _ in rows]
+        return comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, options)
+
+    def guide(self, cond: torch.Tensor, uncond: torch.Tensor | None, x, timestep, model_options) -> torch.Tensor:
+        if uncond is None:
+            uncond = cond
+        return comfy.samplers.cfg_function(
+            self.inner_model,
+            cond,
+            uncond,
+            self.cfg,
+            x,
+            timestep,
+            model_options=model_options,
+            cond=self.conds.get(POSITIVE),
+            uncond=self.conds.get(NEGATIVE) if self.uses_uncond else None,
+        )
+
+    def require_negative(self) -> None:
+        if self.uses_uncond and self.conds.get(NEGATIVE) is None:
+            raise ValueError(f"cfg is {self.cfg} but no negative conditioning was given; connect one or set cfg to 1")
+
+
+class LoRAtorioGuider(AdapterRowsGuider):
+    """LoRAtorio: patch-wise SoftMin routing of the adapters' conds, re-centred CFG."""
+
+    def __init__(self, model_patcher, adapters: AdapterSet, cfg: float, params: lc.LoRAtorioParams) -> None:
+        self.params = params
+        super().__init__(model_patcher, adapters, cfg)
+        self.weight_history = lc.WeightMapHistory()
+
+    def rows_per_step(self) -> int:
+        n = len(self.adapters)
+        unconds = (1 + (n if self.params.needs_adapter_unconds else 0)) if self.uses_uncond else 0
+        return 1 + n + unconds
+
+    def row_plan(self) -> list[tuple[str, int]]:
+        n = len(self.adapters)
+        rows = [(POSITIVE, BASE_ROW)] + [(POSITIVE, i) for i in range(n)]
+        if self.uses_uncond:
+            rows.append((NEGATIVE, BASE_ROW))
+            if self.params.needs_adapter_unconds:
+                rows += [(NEGATIVE, i) for i in range(n)]
+        return rows
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 - CFGGuider's signature
+        self.require_negative()
+        n = len(self.adapters)
+        out = self.evaluate(self.row_plan(), x, timestep, model_options)
+        base_cond, adapter_conds = out[0], torch.stack(out[1 : 1 + n])
+        # the routing signal lives in noise space; x and sigma are shared, so (x - D) has the same cosines
+        weights = lc.routing_weights(x.unsqueeze(0) - adapter_conds, x - base_cond, self.params)
+        self.weight_history.record(weights)
+        cond = lc.weighted_sum(weights, adapter_conds)
+        uncond = None
+        if self.uses_uncond:
+            adapter_unconds = torch.stack(out[2 + n :]) if self.params.needs_adapter_unconds else None
+            uncond = lc.recentred_uncond(out[1 + n], adapter_unconds, weights, self.params.recentre_lambda)
+        return self.guide(cond, uncond, x, timestep, model_options)
+
+
+class LoRACompositeGuider(AdapterRowsGuider):
+    """LoRA Composite: every adapter's cond and uncond, averaged, then CFG."""
+
+    def rows_per_step(self) -> int:
+        return len(self.adapters) * (2 if self.uses_uncond else 1)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006
+        self.require_negative()
+        n = len(self.adapters)
+        rows = [(POSITIVE, i) for i in range(n)] + ([(NEGATIVE, i) for i in range(n)] if self.uses_uncond else [])
+        out = self.evaluate(rows, x, timestep, model_options)
+        cond = lc.adapter_mean(torch.stack(out[:n]))
+        uncond = lc.adapter_mean(torch.stack(out[n:])) if self.uses_uncond else None
+        return self.guide(cond, uncond, x, timestep, model_options)
+
+
+class LoRASwitchGuider(AdapterRowsGuider):
+    """LoRA Switch: one adapter at a time for cond and uncond, advancing every ``tau`` steps."""
+
+    def __init__(self, model_patcher, adapters: AdapterSet, cfg: float, schedule: lc.SwitchSchedule) -> None:
+        if schedule.adapter_count != len(adapters):
+            raise ValueError(f"the switch schedule is for {schedule.adapter_count} adapters, the stack has {len(adapters)}")
+        self.schedule = schedule
+        super().__init__(model_patcher, adapters, cfg)
+        self.active_history: list[int] = []
+
+    def rows_per_step(self) -> int:
+        return 2 if self.uses_uncond else 1
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006
+        self.require_negative()
+        sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+        if sample_sigmas is None:
+            raise RuntimeError("LoRA Switch needs the sampler's sigmas (transformer_options['sample_sigmas'])")
+        active = self.schedule.active_adapter(timestep, sample_sigmas)
+        self.active_history.append(active)
+        rows = [(POSITIVE, active)] + ([(NEGATIVE, active)] if self.uses_uncond else [])
+        out = self.evaluate(rows, x, timestep, model_options)
+        return self.guide(out[0], out[1] if self.uses_uncond else None, x, timestep, model_options)

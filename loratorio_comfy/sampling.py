@@ -1,0 +1,53 @@
+"""Run a guider the way KSampler runs its CFG guider: same noise, sigmas, previews and progress."""
+
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+
+
+def ksampler_sigmas(model_patcher, steps: int, scheduler: str, denoise: float) -> torch.Tensor:
+    """KSampler's sigmas for ``steps`` and ``denoise`` (computed by ComfyUI's own ``KSampler``)."""
+    sampler = comfy.samplers.KSampler(
+        model_patcher,
+        steps=steps,
+        device=model_patcher.load_device,
+        scheduler=scheduler,
+        denoise=denoise,
+        model_options=model_patcher.model_options,
+    )
+    return sampler.sigmas
+
+
+def sample_latent(
+    guider: comfy.samplers.CFGGuider,
+    latent: dict,
+    seed: int,
+    steps: int,
+    sampler_name: str,
+    scheduler: str,
+    denoise: float,
+) -> dict:
+    """Sample ``latent`` with ``guider`` exactly as ``common_ksampler`` does with its CFG guider."""
+    model_patcher = guider.model_patcher
+    latent_image = comfy.sample.fix_empty_latent_channels(model_patcher, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    sigmas = ksampler_sigmas(model_patcher, steps, scheduler, denoise)
+    callback = latent_preview.prepare_callback(model_patcher, sigmas.shape[-1] - 1)
+    samples = guider.sample(
+        noise,
+        latent_image,
+        comfy.samplers.sampler_object(sampler_name),
+        sigmas,
+        denoise_mask=latent.get("noise_mask"),
+        callback=callback,
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+        seed=seed,
+    )
+    out = latent.copy()
+    out["samples"] = samples.to(comfy.model_management.intermediate_device())
+    return out

@@ -1,0 +1,43 @@
+"""Render LoRAtorio's per-step routing weights as one IMAGE: a row of step tiles and a legend."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import loratorio_core as lc
+
+MAX_TILES = 8
+TILE_PIXELS = 128
+LEGEND_ROW = 18
+
+
+def pick_steps(step_count: int, tiles: int = MAX_TILES) -> list[int]:
+    """Up to ``tiles`` evenly spaced step indices, always including the first and the last."""
+    if step_count <= tiles:
+        return list(range(step_count))
+    return sorted({round(i * (step_count - 1) / (tiles - 1)) for i in range(tiles)})
+
+
+def render_weight_maps(maps: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """``maps [steps, N, h, w]`` -> ComfyUI IMAGE ``[1, H, W, 3]`` in ``[0, 1]``."""
+    palette = lc.adapter_palette(maps.shape[1])
+    steps = pick_steps(maps.shape[0])
+    height, width = maps.shape[-2:]
+    tile_w = TILE_PIXELS
+    tile_h = max(1, round(TILE_PIXELS * height / width))
+    legend_h = LEGEND_ROW * (len(names) + 1)
+    canvas = Image.new("RGB", (tile_w * len(steps), tile_h + legend_h), (24, 24, 24))
+    draw = ImageDraw.Draw(canvas)
+    for column, step in enumerate(steps):
+        rgb = (lc.colourise(maps[step], palette).numpy() * 255).astype(np.uint8)
+        tile = Image.fromarray(rgb).resize((tile_w, tile_h), Image.Resampling.NEAREST)
+        canvas.paste(tile, (column * tile_w, 0))
+        draw.text((column * tile_w + 3, 2), f"step {step + 1}", fill=(255, 255, 255))
+    for row, name in enumerate(names):
+        y = tile_h + 4 + row * LEGEND_ROW
+        colour = tuple(int(c * 255) for c in palette[row].tolist())
+        draw.rectangle((4, y, 16, y + 12), fill=colour)
+        draw.text((22, y), name, fill=(230, 230, 230))
+    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).unsqueeze(0)

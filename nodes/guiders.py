@@ -1,0 +1,69 @@
+"""Guider nodes for ``SamplerCustomAdvanced``: any sampler, scheduler and noise."""
+
+from __future__ import annotations
+
+from ..loratorio_comfy import build
+from .common import CATEGORY, as_lora_stack, composition_inputs, loratorio_inputs, tip
+
+GUIDER_CATEGORY = f"{CATEGORY}/guiders"
+
+
+class LoRAtorioGuiderNode:
+    CATEGORY = GUIDER_CATEGORY
+    RETURN_TYPES = ("GUIDER",)
+    FUNCTION = "get_guider"
+    DESCRIPTION = (
+        "LoRAtorio: each adapter steers the patches where its prediction departs most from the base model's "
+        "(SoftMin of cosine similarity), with CFG re-centred on the base model's uncond. Set top_k for a dynamic pool."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {**composition_inputs(), **loratorio_inputs()}}
+
+    def get_guider(self, model, positive, negative, lora_stack, cfg, **params):
+        return (build.loratorio_guider(model, positive, negative, as_lora_stack(lora_stack), cfg, **params),)
+
+
+class LoRACompositeGuiderNode:
+    CATEGORY = GUIDER_CATEGORY
+    RETURN_TYPES = ("GUIDER",)
+    FUNCTION = "get_guider"
+    DESCRIPTION = "LoRA Composite: every adapter predicts cond and uncond each step; their means go into CFG."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": composition_inputs()}
+
+    def get_guider(self, model, positive, negative, lora_stack, cfg):
+        return (build.composite_guider(model, positive, negative, as_lora_stack(lora_stack), cfg),)
+
+
+def tau_input() -> tuple:
+    return ("INT", tip("Steps each adapter stays active before the next takes over (the paper: 5).", default=5, min=1, max=1000))
+
+
+class LoRASwitchGuiderNode:
+    CATEGORY = GUIDER_CATEGORY
+    RETURN_TYPES = ("GUIDER",)
+    FUNCTION = "get_guider"
+    DESCRIPTION = "LoRA Switch: one adapter at a time, in stack order, each for tau steps, cycling."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {**composition_inputs(), "tau": tau_input()}}
+
+    def get_guider(self, model, positive, negative, lora_stack, cfg, tau):
+        return (build.switch_guider(model, positive, negative, as_lora_stack(lora_stack), cfg, tau),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "LoRAtorioGuider": LoRAtorioGuiderNode,
+    "LoRACompositeGuider": LoRACompositeGuiderNode,
+    "LoRASwitchGuider": LoRASwitchGuiderNode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LoRAtorioGuider": "LoRAtorio Guider",
+    "LoRACompositeGuider": "LoRA Composite Guider",
+    "LoRASwitchGuider": "LoRA Switch Guider",
+}
