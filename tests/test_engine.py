@@ -1,0 +1,271 @@
+"""The per-row LoRA engine and the guiders inside real ComfyUI sampling (tiny models, CPU)."""
+
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.sample
+import comfy.samplers
+import comfy.sd
+import comfy.utils
+import nodes as comfy_nodes
+import pytest
+import torch
+
+import loratorio_core as lc
+from support.lora_files import KEY_STYLES, write_lora
+from support.tiny_models import FAMILIES, conditioning, latent
+
+STEPS = 3
+
+
+@pytest.fixture
+def engine(pack):
+    """The pack's ComfyUI layer modules."""
+    from comfyui_loratorio.loratorio_comfy import adapter_set, build, guiders, row_lora, sampling
+
+    return type(
+        "Engine", (), {"adapter_set": adapter_set, "build": build, "guiders": guiders, "row_lora": row_lora, "sampling": sampling}
+    )
+
+
+def comfy_conditioning(family: str, seed: int = 1) -> list:
+    kwargs = conditioning(family, seed=seed)
+    extra = {}
+    if "y" in kwargs:
+        extra["pooled_output"] = kwargs["y"][:, :1280] if family == "sdxl" else kwargs["y"]
+    if family == "flux":
+        extra["guidance"] = 3.5
+    return [[kwargs["c_crossattn"], extra]]
+
+
+def merged_prediction(patcher, family: str, lora_file, strength: float) -> torch.Tensor:
+    lora = comfy.utils.load_torch_file(str(lora_file), safe_load=True)
+    merged, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0.0)
+    comfy.model_management.load_models_gpu([merged])
+    with torch.no_grad():
+        out = merged.model.apply_model(latent(family), torch.tensor([2.0]), **conditioning(family))
+    comfy.model_management.unload_all_models()
+    return out
+
+
+def row_predictions(engine, patcher, family: str, adapters, row_map: tuple[int, ...]) -> list[torch.Tensor]:
+    """One forward whose rows carry the adapters of ``row_map`` (-1 = base), through the hooks."""
+    rows = len(row_map)
+    options = {engine.row_lora.ROW_MAP_KEY: {"rows": row_map, "base_index": len(adapters)}, "cond_or_uncond": list(range(rows))}
+    comfy.patcher_extension.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.APPLY_MODEL, "loratorio", engine.row_lora.apply_model_with_rows, options
+    )
+    kwargs = {k: v.repeat(rows, *([1] * (v.ndim - 1))) for k, v in conditioning(family).items()}
+    x = latent(family).repeat(rows, 1, 1, 1)
+    with engine.row_lora.row_loras_installed(patcher.model.diffusion_model, adapters.stacked_layers()), torch.no_grad():
+        out = patcher.model.apply_model(x, torch.tensor([2.0] * rows), transformer_options=options, **kwargs)
+    return list(out.chunk(rows))
+
+
+def snapshot(patcher) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
+
+
+def assert_same_weights(patcher, before: dict[str, torch.Tensor]) -> None:
+    after = patcher.model.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), f"base weight {key} changed"
+    hooked = [n for n, m in patcher.model.named_modules() if m._forward_hooks]
+    assert not hooked, f"forward hooks left on {hooked[:3]}"
+
+
+@pytest.mark.parametrize("style", KEY_STYLES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_rows_equal_comfyui_merged_lora(engine, family, style, tiny_model_factory, loras_folder):
+    patcher = tiny_model_factory(family)
+    files = [write_lora(loras_folder / f"{style}{i}.safetensors", family, patcher.model, style, seed=i) for i in range(2)]
+    strengths = (0.7, -1.3)
+    adapters = engine.adapter_set.AdapterSet(patcher.model, [(f.name, s) for f, s in zip(files, strengths, strict=True)])
+    base, first, second = row_predictions(engine, patcher, family, adapters, (-1, 0, 1))
+    with torch.no_grad():
+        plain = patcher.model.apply_model(latent(family), torch.tensor([2.0]), **conditioning(family))
+    torch.testing.assert_close(base, plain, rtol=1e-5, atol=1e-5)
+    for row, lora_file, strength in ((first, files[0], strengths[0]), (second, files[1], strengths[1])):
+        expected = merged_prediction(patcher, family, lora_file, strength)
+        assert not torch.allclose(expected, plain, atol=1e-3)
+        torch.testing.assert_close(row, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.fixture
+def sd15_stack(tiny_model_factory, loras_folder):
+    model = tiny_model_factory("sd15").model
+    names = []
+    for i, style in enumerate(("kohya", "peft", "comfy", "kohya")):
+        names.append(write_lora(loras_folder / f"{style}_{i}.safetensors", "sd15", model, style, seed=10 + i).name)
+    return [(name, 1.0, 1.0) for name in names]
+
+
+class ForwardCounter:
+    """Counts the diffusion model's forwards and the rows of each (a forward pre-hook)."""
+
+    def __init__(self, patcher) -> None:
+        self.rows: list[int] = []
+        self.handle = patcher.model.diffusion_model.register_forward_pre_hook(
+            lambda _module, args: self.rows.append(args[0].shape[0])
+        )
+
+    def __enter__(self) -> ForwardCounter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
+def run_sampler(
+    engine, guider, latent_dict: dict | None = None, sampler: str = "euler", steps: int = STEPS, denoise: float = 1.0
+):
+    latent_dict = latent_dict or {"samples": torch.zeros(1, 4, 16, 16)}
+    return engine.sampling.sample_latent(
+        guider, latent_dict, seed=3, steps=steps, sampler_name=sampler, scheduler="normal", denoise=denoise
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "rows_per_step"),
+    [
+        ("loratorio", {"recentre_lambda": 1.0}, 2 + 3),
+        ("loratorio", {"recentre_lambda": 0.5}, 2 + 2 * 3),
+        ("loratorio", {"recentre_lambda": 0.5, "top_k": 2}, 2 + 2 * 3),
+        ("composite", {}, 2 * 3),
+        ("switch", {"tau": 1}, 2),
+    ],
+)
+def test_one_forward_per_step_with_the_rows_the_math_needs(
+    engine, tiny_model_factory, sd15_stack, method, options, rows_per_step
+):
+    patcher = tiny_model_factory("sd15")
+    guider = make_guider(engine, method, patcher, sd15_stack[:3], cfg=5.0, **options)
+    with ForwardCounter(patcher) as counter:
+        run_sampler(engine, guider)
+    assert counter.rows == [rows_per_step] * STEPS
+
+
+def test_cfg_one_evaluates_no_uncond_rows(engine, tiny_model_factory, sd15_stack):
+    patcher = tiny_model_factory("sd15")
+    guider = make_guider(engine, "loratorio", patcher, sd15_stack[:3], cfg=1.0, recentre_lambda=0.5)
+    with ForwardCounter(patcher) as counter:
+        run_sampler(engine, guider)
+    assert counter.rows == [1 + 3] * STEPS
+
+
+def make_guider(engine, method: str, patcher, stack, cfg: float = 5.0, **options):
+    positive = comfy_conditioning("sd15")
+    negative = comfy_conditioning("sd15", seed=9)
+    if method == "loratorio":
+        params = {"patch_size": 4, "temperature": 0.05, "recentre_lambda": 0.5, "top_k": 0, "top_k_mode": "image", **options}
+        return engine.build.loratorio_guider(patcher, positive, negative, stack, cfg, **params)
+    if method == "composite":
+        return engine.build.composite_guider(patcher, positive, negative, stack, cfg)
+    return engine.build.switch_guider(patcher, positive, negative, stack, cfg, options.get("tau", 2))
+
+
+def plain_ksampler(patcher) -> torch.Tensor:
+    (out,) = comfy_nodes.common_ksampler(
+        patcher,
+        3,
+        STEPS,
+        5.0,
+        "euler",
+        "normal",
+        comfy_conditioning("sd15"),
+        comfy_conditioning("sd15", seed=9),
+        {"samples": torch.zeros(1, 4, 16, 16)},
+    )
+    return out["samples"]
+
+
+def test_base_model_untouched_by_a_run_and_plain_ksampler_bit_identical(engine, tiny_model_factory, sd15_stack):
+    patcher = tiny_model_factory("sd15")
+    weights = snapshot(patcher)
+    before = plain_ksampler(patcher)
+    composed = run_sampler(engine, make_guider(engine, "loratorio", patcher, sd15_stack))["samples"]
+    assert torch.isfinite(composed).all() and not torch.equal(composed, before)
+    assert_same_weights(patcher, weights)
+    assert torch.equal(plain_ksampler(patcher), before)
+
+
+def test_base_model_untouched_after_an_exception_inside_a_forward(engine, tiny_model_factory, sd15_stack):
+    patcher = tiny_model_factory("sd15")
+    weights = snapshot(patcher)
+    calls = []
+
+    def explode(_module, _args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("forward failed on purpose")
+
+    handle = patcher.model.diffusion_model.input_blocks[1][0].register_forward_pre_hook(explode)
+    try:
+        with pytest.raises(RuntimeError, match="on purpose"):
+            run_sampler(engine, make_guider(engine, "loratorio", patcher, sd15_stack))
+    finally:
+        handle.remove()
+    assert_same_weights(patcher, weights)
+
+
+def test_base_model_untouched_after_an_interrupt(engine, tiny_model_factory, sd15_stack):
+    patcher = tiny_model_factory("sd15")
+    weights = snapshot(patcher)
+    before = plain_ksampler(patcher)
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_sampler(engine, make_guider(engine, "composite", patcher, sd15_stack))
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert_same_weights(patcher, weights)
+    assert torch.equal(plain_ksampler(patcher), before)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "heun", "uni_pc", "euler_cfg_pp"])
+def test_every_sampler_family_runs(engine, tiny_model_factory, sd15_stack, sampler):
+    patcher = tiny_model_factory("sd15")
+    guider = make_guider(engine, "loratorio", patcher, sd15_stack[:2])
+    out = run_sampler(engine, guider, sampler=sampler, steps=4)["samples"]
+    assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()
+    assert len(guider.weight_history) >= 4
+
+
+def test_switch_changes_adapter_at_the_right_steps_under_heun(engine, tiny_model_factory, sd15_stack):
+    patcher = tiny_model_factory("sd15")
+    guider = make_guider(engine, "switch", patcher, sd15_stack[:2], tau=2)
+    seen: list[tuple[float, int]] = []
+    original = guider.schedule.active_adapter
+
+    def recording(sigma, sample_sigmas):
+        active = original(sigma, sample_sigmas)
+        seen.append((float(torch.as_tensor(sigma).flatten()[0]), active))
+        return active
+
+    object.__setattr__(guider, "schedule", type("Recorded", (), {"active_adapter": staticmethod(recording)})())
+    run_sampler(engine, guider, sampler="heun", steps=6)
+    sigmas = engine.sampling.ksampler_sigmas(patcher, 6, "normal", 1.0).tolist()
+    first_eval_per_step = {}
+    for sigma, active in seen:
+        step = lc.step_index(sigma, sigmas)
+        first_eval_per_step.setdefault(step, active)
+        assert active == lc.SwitchSchedule(2, 2).adapter_at_step(step)
+    assert [first_eval_per_step[i] for i in range(6)] == [0, 0, 1, 1, 0, 0]
+    assert len(seen) == 2 * 6 - 1  # heun: two evaluations per step, one on the last
+
+
+def test_batches_denoise_and_inpainting_mask(engine, tiny_model_factory, sd15_stack):
+    patcher = tiny_model_factory("sd15")
+    source = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[:, :, :, 8:] = 1.0
+    guider = make_guider(engine, "loratorio", patcher, sd15_stack[:2])
+    with ForwardCounter(patcher) as counter:
+        out = run_sampler(engine, guider, {"samples": source.clone(), "noise_mask": mask}, denoise=0.5, steps=4)["samples"]
+    assert counter.rows == [2 * (2 + 2 * 2)] * 4  # each of the 6 rows carries the batch of 2
+    assert out.shape == source.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, :, :, :8], source[:, :, :, :8])  # the kept region is the input latent
+    assert not torch.allclose(out[:, :, :, 8:], source[:, :, :, 8:])
+    assert not torch.allclose(out[0], out[1])
