@@ -53,6 +53,15 @@ def pack():
 
 
 @pytest.fixture(scope="session")
+def engine(pack):
+    """The pack's ComfyUI layer modules, as one namespace."""
+    from comfyui_loratorio.loratorio_comfy import adapter_set, adapters, build, guiders, row_lora, sampling
+
+    modules = (adapter_set, adapters, build, guiders, row_lora, sampling)
+    return type("Engine", (), {m.__name__.rsplit(".", 1)[-1]: m for m in modules})
+
+
+@pytest.fixture(scope="session")
 def comfyui_dir() -> Path:
     return COMFYUI_DIR
 

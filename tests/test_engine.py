@@ -13,30 +13,17 @@ import pytest
 import torch
 
 import loratorio_core as lc
+from support.engine_helpers import (
+    STEPS,
+    ForwardCounter,
+    assert_same_weights,
+    comfy_conditioning,
+    make_guider,
+    run_sampler,
+    snapshot,
+)
 from support.lora_files import KEY_STYLES, write_lora
 from support.tiny_models import FAMILIES, conditioning, latent
-
-STEPS = 3
-
-
-@pytest.fixture
-def engine(pack):
-    """The pack's ComfyUI layer modules."""
-    from comfyui_loratorio.loratorio_comfy import adapter_set, build, guiders, row_lora, sampling
-
-    return type(
-        "Engine", (), {"adapter_set": adapter_set, "build": build, "guiders": guiders, "row_lora": row_lora, "sampling": sampling}
-    )
-
-
-def comfy_conditioning(family: str, seed: int = 1) -> list:
-    kwargs = conditioning(family, seed=seed)
-    extra = {}
-    if "y" in kwargs:
-        extra["pooled_output"] = kwargs["y"][:, :1280] if family == "sdxl" else kwargs["y"]
-    if family == "flux":
-        extra["guidance"] = 3.5
-    return [[kwargs["c_crossattn"], extra]]
 
 
 def merged_prediction(patcher, family: str, lora_file, strength: float) -> torch.Tensor:
@@ -61,19 +48,6 @@ def row_predictions(engine, patcher, family: str, adapters, row_map: tuple[int, 
     with engine.row_lora.row_loras_installed(patcher.model.diffusion_model, adapters.stacked_layers()), torch.no_grad():
         out = patcher.model.apply_model(x, torch.tensor([2.0] * rows), transformer_options=options, **kwargs)
     return list(out.chunk(rows))
-
-
-def snapshot(patcher) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
-
-
-def assert_same_weights(patcher, before: dict[str, torch.Tensor]) -> None:
-    after = patcher.model.state_dict()
-    assert before.keys() == after.keys()
-    for key, value in before.items():
-        assert torch.equal(value, after[key]), f"base weight {key} changed"
-    hooked = [n for n, m in patcher.model.named_modules() if m._forward_hooks]
-    assert not hooked, f"forward hooks left on {hooked[:3]}"
 
 
 @pytest.mark.parametrize("style", KEY_STYLES)
@@ -102,31 +76,6 @@ def sd15_stack(tiny_model_factory, loras_folder):
     return [(name, 1.0, 1.0) for name in names]
 
 
-class ForwardCounter:
-    """Counts the diffusion model's forwards and the rows of each (a forward pre-hook)."""
-
-    def __init__(self, patcher) -> None:
-        self.rows: list[int] = []
-        self.handle = patcher.model.diffusion_model.register_forward_pre_hook(
-            lambda _module, args: self.rows.append(args[0].shape[0])
-        )
-
-    def __enter__(self) -> ForwardCounter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.handle.remove()
-
-
-def run_sampler(
-    engine, guider, latent_dict: dict | None = None, sampler: str = "euler", steps: int = STEPS, denoise: float = 1.0
-):
-    latent_dict = latent_dict or {"samples": torch.zeros(1, 4, 16, 16)}
-    return engine.sampling.sample_latent(
-        guider, latent_dict, seed=3, steps=steps, sampler_name=sampler, scheduler="normal", denoise=denoise
-    )
-
-
 @pytest.mark.parametrize(
     ("method", "options", "rows_per_step"),
     [
@@ -153,17 +102,6 @@ def test_cfg_one_evaluates_no_uncond_rows(engine, tiny_model_factory, sd15_stack
     with ForwardCounter(patcher) as counter:
         run_sampler(engine, guider)
     assert counter.rows == [1 + 3] * STEPS
-
-
-def make_guider(engine, method: str, patcher, stack, cfg: float = 5.0, **options):
-    positive = comfy_conditioning("sd15")
-    negative = comfy_conditioning("sd15", seed=9)
-    if method == "loratorio":
-        params = {"patch_size": 4, "temperature": 0.05, "recentre_lambda": 0.5, "top_k": 0, "top_k_mode": "image", **options}
-        return engine.build.loratorio_guider(patcher, positive, negative, stack, cfg, **params)
-    if method == "composite":
-        return engine.build.composite_guider(patcher, positive, negative, stack, cfg)
-    return engine.build.switch_guider(patcher, positive, negative, stack, cfg, options.get("tau", 2))
 
 
 def plain_ksampler(patcher) -> torch.Tensor:

@@ -1,0 +1,68 @@
+"""Helpers shared by the engine tests: conditioning, guiders, sampling, counting and weight checks."""
+
+from __future__ import annotations
+
+import torch
+
+from .tiny_models import conditioning
+
+STEPS = 3
+
+
+def comfy_conditioning(family: str, seed: int = 1) -> list:
+    kwargs = conditioning(family, seed=seed)
+    extra = {}
+    if "y" in kwargs:
+        extra["pooled_output"] = kwargs["y"][:, :1280] if family == "sdxl" else kwargs["y"]
+    if family == "flux":
+        extra["guidance"] = 3.5
+    return [[kwargs["c_crossattn"], extra]]
+
+
+def snapshot(patcher) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
+
+
+def assert_same_weights(patcher, before: dict[str, torch.Tensor]) -> None:
+    after = patcher.model.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), f"base weight {key} changed"
+    hooked = [n for n, m in patcher.model.named_modules() if m._forward_hooks]
+    assert not hooked, f"forward hooks left on {hooked[:3]}"
+
+
+class ForwardCounter:
+    """Counts the diffusion model's forwards and the rows of each (a forward pre-hook)."""
+
+    def __init__(self, patcher) -> None:
+        self.rows: list[int] = []
+        self.handle = patcher.model.diffusion_model.register_forward_pre_hook(
+            lambda _module, args: self.rows.append(args[0].shape[0])
+        )
+
+    def __enter__(self) -> ForwardCounter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
+def run_sampler(
+    engine, guider, latent_dict: dict | None = None, sampler: str = "euler", steps: int = STEPS, denoise: float = 1.0
+):
+    latent_dict = latent_dict or {"samples": torch.zeros(1, 4, 16, 16)}
+    return engine.sampling.sample_latent(
+        guider, latent_dict, seed=3, steps=steps, sampler_name=sampler, scheduler="normal", denoise=denoise
+    )
+
+
+def make_guider(engine, method: str, patcher, stack, cfg: float = 5.0, **options):
+    positive = comfy_conditioning("sd15")
+    negative = comfy_conditioning("sd15", seed=9)
+    if method == "loratorio":
+        params = {"patch_size": 4, "temperature": 0.05, "recentre_lambda": 0.5, "top_k": 0, "top_k_mode": "image", **options}
+        return engine.build.loratorio_guider(patcher, positive, negative, stack, cfg, **params)
+    if method == "composite":
+        return engine.build.composite_guider(patcher, positive, negative, stack, cfg)
+    return engine.build.switch_guider(patcher, positive, negative, stack, cfg, options.get("tau", 2))
