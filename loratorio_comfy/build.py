@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import loratorio_core as lc
-
+from .. import loratorio_core as lc
 from .adapter_set import AdapterSet
 from .guiders import LoRACompositeGuider, LoRASwitchGuider, LoRAtorioGuider
 

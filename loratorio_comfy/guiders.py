@@ -17,8 +17,7 @@ import comfy.patcher_extension
 import comfy.samplers
 import torch
 
-import loratorio_core as lc
-
+from .. import loratorio_core as lc
 from .adapter_set import AdapterSet
 from .row_lora import BASE_ROW, ROW_MAP_KEY, apply_model_with_rows, row_loras_installed
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import loratorio_core as lc
+from .. import loratorio_core as lc
 
 MAX_TILES = 8
 TILE_PIXELS = 128

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import comfy.samplers
+
+from .. import loratorio_core as lc
+
 CATEGORY = "loratorio"
 LORA_STACK = "LORA_STACK"
 NO_LORA = "None"
@@ -54,8 +58,6 @@ def composition_inputs() -> dict[str, tuple]:
 
 def loratorio_inputs() -> dict[str, tuple]:
     """LoRAtorio's open parameters, with the defaults of ``loratorio_core``."""
-    import loratorio_core as lc
-
     return {
         "patch_size": (
             "INT",
@@ -94,8 +96,6 @@ def loratorio_inputs() -> dict[str, tuple]:
 
 def ksampler_inputs() -> dict[str, tuple]:
     """KSampler's own inputs, so the all-in-one samplers drop in where a KSampler was."""
-    import comfy.samplers
-
     return {
         "seed": (
             "INT",

@@ -23,6 +23,7 @@ def test_server_lists_the_pack_nodes_and_stops(comfyui_dir, tmp_path, pack):
         assert isinstance(extensions, list)
         log = server.log()
         assert "IMPORT FAILED" not in log
+        assert "failed to load" not in log, "a node module of the pack failed to import in the server"
         assert "comfyui-loratorio" in log
         pid = server.process.pid
     assert server.process.poll() is not None
