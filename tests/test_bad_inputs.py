@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import pickle
 from pathlib import Path
 
@@ -130,3 +131,21 @@ def test_missing_negative_with_cfg_above_one(engine, sd15, good_lora):
     guider = engine.build.composite_guider(sd15, positive, None, [(good_lora, 1.0, 1.0)], 5.0)
     with pytest.raises(ValueError, match=r"no negative conditioning.*set cfg to 1"):
         run_sampler(engine, guider)
+
+
+def test_lora_file_cache_reuses_and_invalidates_on_change(engine, sd15, loras_folder, good_lora):
+    cache = engine.adapters.LoRAFileCache(max_entries=2)
+    path = str(loras_folder / good_lora)
+    first = cache.load(path, good_lora)
+    assert cache.load(path, good_lora) is first
+    write_lora(loras_folder / good_lora, "sd15", sd15.model, "kohya", seed=99)
+    stat = os.stat(path)
+    os.utime(path, (stat.st_atime, stat.st_mtime + 5))
+    changed = cache.load(path, good_lora)
+    assert changed is not first
+    key = next(k for k in first if k.endswith(".lora_up.weight"))
+    assert not torch.equal(changed[key], first[key])
+    for i in range(3):
+        extra = write_lora(loras_folder / f"x{i}.safetensors", "sd15", sd15.model, "comfy", seed=i)
+        cache.load(str(extra), extra.name)
+    assert len(cache) == 2

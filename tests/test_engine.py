@@ -207,3 +207,38 @@ def test_batches_denoise_and_inpainting_mask(engine, tiny_model_factory, sd15_st
     torch.testing.assert_close(out[:, :, :, :8], source[:, :, :, :8])  # the kept region is the input latent
     assert not torch.allclose(out[:, :, :, 8:], source[:, :, :, 8:])
     assert not torch.allclose(out[0], out[1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loratorio_samples_every_family(engine, family, tiny_model_factory, loras_folder):
+    patcher = tiny_model_factory(family)
+    names = [write_lora(loras_folder / f"{family}{i}.safetensors", family, patcher.model, style, seed=i).name
+             for i, style in enumerate(("kohya", "peft"))]  # fmt: skip
+    cfg = 1.0 if family == "flux" else 4.0  # Flux-dev is guidance-distilled: cfg 1, no uncond rows
+    params = {"patch_size": 2, "temperature": 0.05, "recentre_lambda": 0.5, "top_k": 0, "top_k_mode": "image"}
+    guider = engine.build.loratorio_guider(
+        patcher, comfy_conditioning(family), comfy_conditioning(family, seed=9), [(n, 1.0, 1.0) for n in names], cfg, **params
+    )
+    channels = 16 if family in ("sd3", "flux") else 4
+    with ForwardCounter(patcher) as counter:
+        out = run_sampler(engine, guider, {"samples": torch.zeros(1, channels, 16, 16)})["samples"]
+    assert torch.isfinite(out).all() and out.std() > 0
+    assert counter.rows == [(1 + 2) if family == "flux" else (2 + 2 * 2)] * STEPS
+    assert guider.weight_history.maps().shape == (STEPS, 2, 16, 16)
+
+
+def test_loratorio_sampler_node_outputs_weight_maps_with_a_legend(pack, tiny_model_factory, sd15_stack):
+    node = pack.NODE_CLASS_MAPPINGS["LoRAtorioSampler"]()
+    latent, image = node.sample(
+        tiny_model_factory("sd15"), comfy_conditioning("sd15"), comfy_conditioning("sd15", seed=9), sd15_stack[:3], 5.0,
+        {"samples": torch.zeros(1, 4, 16, 16)}, seed=1, steps=STEPS, sampler_name="euler", scheduler="normal", denoise=1.0,
+        patch_size=4, temperature=0.05, recentre_lambda=1.0, top_k=2, top_k_mode="patch",
+    )  # fmt: skip
+    assert latent["samples"].shape == (1, 4, 16, 16)
+    assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3
+    assert image.shape[2] == 128 * STEPS and image.shape[1] > 128  # one tile per step above the legend
+    assert image.min() >= 0.0 and image.max() <= 1.0 and image.std() > 0.05
+    palette = pack.loratorio_core.adapter_palette(3)
+    legend_swatches = [image[0, 128 + 4 + 18 * i + 6, 10] for i in range(3)]
+    for swatch, colour in zip(legend_swatches, palette, strict=True):
+        torch.testing.assert_close(swatch, colour, atol=1 / 255, rtol=0)
