@@ -20,6 +20,12 @@ class Adapter:
     name: str
     strength: float
     parsed: ParsedLoRA
+    state: dict[str, torch.Tensor]  # the file's tensors, for ComfyUI's hooks path
+
+    @property
+    def via_hooks(self) -> bool:
+        """Adapters with parts the per-row path cannot express run whole through ComfyUI's hooks."""
+        return self.parsed.needs_fallback
 
 
 def lora_path(name: str) -> str:
@@ -51,13 +57,16 @@ class AdapterSet:
             seen.add(name)
             strength = check_strength(name, strength)
             state = LORA_FILES.load(lora_path(name), name)
-            adapters.append(Adapter(name, strength, parse_lora(state, model, name)))
-        fallback = [a.name for a in adapters if a.parsed.needs_fallback]
-        if fallback:
-            raise LoRAFileError(
-                f"LoRA {', '.join(repr(n) for n in fallback)} uses adapter types the per-row path does not apply yet "
-                "(LoHa, LoKr, OFT, DoRA, Tucker LoCon or full diffs); use LoRA Merge for these files for now."
-            )
+            adapter = Adapter(name, strength, parse_lora(state, model, name), state)
+            if adapter.via_hooks:
+                kinds = sorted({getattr(p, "name", type(p).__name__) for p in adapter.parsed.fallback_patches.values()})
+                LOG.info(
+                    "comfyui-loratorio: LoRA '%s' has %s parts the batched per-row path does not apply; it runs through "
+                    "ComfyUI's hooks path (exact, but its rows take forwards of their own)",
+                    name,
+                    "/".join(kinds),
+                )
+            adapters.append(adapter)
         self.adapters: tuple[Adapter, ...] = tuple(adapters)
         self._model = model
 
@@ -71,11 +80,12 @@ class AdapterSet:
     def stacked_layers(self) -> dict[str, StackedLayer]:
         """Every targeted layer with all adapters' deltas stacked (see :mod:`.row_lora`)."""
         diffusion_model = self._model.diffusion_model
-        modules = sorted({m for a in self.adapters for m in a.parsed.factors})
+        batched = [a if not a.via_hooks else None for a in self.adapters]
+        modules = sorted({m for a in batched if a is not None for m in a.parsed.factors})
         layers = {}
         for module_name in modules:
             module = diffusion_model.get_submodule(module_name)
-            per_adapter = [[(f, a.strength) for f in a.parsed.factors.get(module_name, [])] for a in self.adapters]
+            per_adapter = [[(f, a.strength) for f in a.parsed.factors.get(module_name, [])] if a else [] for a in batched]
             conv_kernel = tuple(module.weight.shape[2:]) if isinstance(module, torch.nn.Conv2d) else None
             layers[module_name] = stack_layer(per_adapter, module.weight.shape[0], conv_kernel)
         return layers

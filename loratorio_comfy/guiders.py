@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 
+import comfy.hooks
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.samplers
@@ -23,6 +24,11 @@ from .row_lora import BASE_ROW, ROW_MAP_KEY, apply_model_with_rows, row_loras_in
 
 WRAPPER_KEY = "loratorio"
 POSITIVE, NEGATIVE = "positive", "negative"
+
+
+def hooked_cond_name(name: str, adapter: int) -> str:
+    """The key of a cond list copy carrying adapter ``adapter``'s ComfyUI LoRA hook."""
+    return f"{name}@{adapter}"
 
 
 def reserve_memory_for_rows(rows_per_step: int, executor, model, noise_shape, conds, model_options=None):
@@ -55,10 +61,20 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
         )
 
     def set_conds(self, positive, negative=None) -> None:
-        """A negative is optional: distilled models (cfg 1) never evaluate it."""
+        """A negative is optional: distilled models (cfg 1) never evaluate it.
+
+        Adapters that run through ComfyUI's hooks path get their own copies of the conds with a
+        LoRA hook attached (one hook group per adapter, so its cond and uncond share a forward).
+        """
         conds = {POSITIVE: positive}
         if negative is not None:
             conds[NEGATIVE] = negative
+        for index, adapter in enumerate(self.adapters.adapters):
+            if adapter.via_hooks:
+                hooks = comfy.hooks.create_hook_lora(adapter.state, adapter.strength, 0.0)
+                for name in (POSITIVE, NEGATIVE):
+                    if name in conds:
+                        conds[hooked_cond_name(name, index)] = comfy.hooks.set_hooks_for_conditioning(conds[name], hooks)
         self.inner_set_conds(conds)
 
     @property
@@ -79,9 +95,14 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
         """Denoised predictions for ``(cond list name, adapter index or BASE_ROW)`` rows, one batch."""
         options = model_options.copy()
         transformer_options = dict(options.get("transformer_options", {}))
-        transformer_options[ROW_MAP_KEY] = {"rows": tuple(adapter for _, adapter in rows), "base_index": len(self.adapters)}
+        hooked = [a >= 0 and self.adapters.adapters[a].via_hooks for _, a in rows]
+        row_map = tuple(BASE_ROW if via_hooks else adapter for (_, adapter), via_hooks in zip(rows, hooked, strict=True))
+        transformer_options[ROW_MAP_KEY] = {"rows": row_map, "base_index": len(self.adapters)}
         options["transformer_options"] = transformer_options
-        conds = [self.conds[name] for name, _ in rows]
+        conds = [
+            self.conds[hooked_cond_name(name, adapter) if via_hooks else name]
+            for (name, adapter), via_hooks in zip(rows, hooked, strict=True)
+        ]
         return comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, options)
 
     def guide(self, cond: torch.Tensor, uncond: torch.Tensor | None, x, timestep, model_options) -> torch.Tensor:

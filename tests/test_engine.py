@@ -242,3 +242,40 @@ def test_loratorio_sampler_node_outputs_weight_maps_with_a_legend(pack, tiny_mod
     legend_swatches = [image[0, 128 + 4 + 18 * i + 6, 10] for i in range(3)]
     for swatch, colour in zip(legend_swatches, palette, strict=True):
         torch.testing.assert_close(swatch, colour, atol=1 / 255, rtol=0)
+
+
+def ksampler_on(patcher, cfg: float = 5.0) -> torch.Tensor:
+    (out,) = comfy_nodes.common_ksampler(
+        patcher, 3, STEPS, cfg, "euler", "normal", comfy_conditioning("sd15"), comfy_conditioning("sd15", seed=9),
+        {"samples": torch.zeros(1, 4, 16, 16)},
+    )  # fmt: skip
+    return out["samples"]
+
+
+@pytest.mark.parametrize("style", ["kohya", "loha"])
+def test_composite_of_one_adapter_equals_ksampler_on_the_merged_model(engine, tiny_model_factory, loras_folder, style, caplog):
+    """End to end: one adapter through our guider (per-row path, or hooks path for LoHa) equals
+    ComfyUI's own LoraLoader + KSampler."""
+    patcher = tiny_model_factory("sd15")
+    lora_file = write_lora(loras_folder / f"one_{style}.safetensors", "sd15", patcher.model, style, seed=3)
+    (merged,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, lora_file.name, 0.8)
+    expected = ksampler_on(merged)
+    with caplog.at_level("INFO"):
+        guider = make_guider(engine, "composite", patcher, [(lora_file.name, 0.8, 0.8)])
+    assert ("hooks path" in caplog.text) == (style == "loha")
+    got = run_sampler(engine, guider)["samples"]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    assert not torch.allclose(got, ksampler_on(patcher), atol=1e-3)
+
+
+def test_hooks_path_adapter_beside_batched_adapters(engine, tiny_model_factory, sd15_stack, loras_folder):
+    patcher = tiny_model_factory("sd15")
+    weights = snapshot(patcher)
+    loha = write_lora(loras_folder / "mixed_loha.safetensors", "sd15", patcher.model, "loha", seed=7).name
+    guider = make_guider(engine, "loratorio", patcher, [*sd15_stack[:2], (loha, 1.0, 1.0)], recentre_lambda=0.5)
+    with ForwardCounter(patcher) as counter:
+        out = run_sampler(engine, guider)["samples"]
+    assert torch.isfinite(out).all()
+    # per step: one forward for the base and the two batched adapters (cond + uncond each), one for the LoHa's pair
+    assert sorted(counter.rows) == sorted([2 + 2 * 2, 2] * STEPS)
+    assert_same_weights(patcher, weights)

@@ -143,7 +143,28 @@ def write_peft(path: Path, family: str, model, rank: int = 4, seed: int = 0) -> 
     return path
 
 
-WRITERS = {"kohya": write_kohya, "peft": write_peft, "comfy": write_comfy}
+def write_loha(path: Path, family: str, model, rank: int = 4, alpha: float = 4.0, seed: int = 0) -> Path:
+    """A LyCORIS LoHa (Hadamard product) file on the linear layers: a type only the hooks path applies."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for target in diffusers_targets(family, model):
+        if len(target.shape) != 2:
+            continue
+        stem = "lora_unet_" + target.file_name.replace(".", "_")
+        out_features, in_features = target.shape
+        for name, shape in (
+            ("w1_a", (out_features, rank)),
+            ("w1_b", (rank, in_features)),
+            ("w2_a", (out_features, rank)),
+            ("w2_b", (rank, in_features)),
+        ):
+            tensors[f"{stem}.hada_{name}"] = torch.randn(shape, generator=generator) * 0.3
+        tensors[f"{stem}.alpha"] = torch.tensor(float(alpha))
+    safetensors.torch.save_file(tensors, str(path))
+    return path
+
+
+WRITERS = {"kohya": write_kohya, "peft": write_peft, "comfy": write_comfy, "loha": write_loha}
 
 
 def write_lora(path: Path, family: str, model, style: str, seed: int = 0) -> Path:
