@@ -11,7 +11,20 @@ def _adapters(model, lora_stack) -> AdapterSet:
     return AdapterSet(model.model, [(name, model_strength) for name, model_strength, _ in lora_stack])
 
 
-def loratorio_guider(model, positive, negative, lora_stack, cfg, patch_size, temperature, recentre_lambda, top_k, top_k_mode):
+def loratorio_guider(
+    model,
+    positive,
+    negative,
+    lora_stack,
+    cfg,
+    patch_size,
+    temperature,
+    recentre_lambda,
+    top_k,
+    top_k_mode,
+    adapter_positive=None,
+    adapter_negative=None,
+):
     params = lc.LoRAtorioParams(
         patch_size=patch_size,
         temperature=temperature,
@@ -20,18 +33,18 @@ def loratorio_guider(model, positive, negative, lora_stack, cfg, patch_size, tem
         top_k_mode=top_k_mode,
     )
     guider = LoRAtorioGuider(model, _adapters(model, lora_stack), cfg, params)
-    guider.set_conds(positive, negative)
+    guider.set_conds(positive, negative, adapter_positive, adapter_negative)
     return guider
 
 
-def composite_guider(model, positive, negative, lora_stack, cfg):
+def composite_guider(model, positive, negative, lora_stack, cfg, adapter_positive=None, adapter_negative=None):
     guider = LoRACompositeGuider(model, _adapters(model, lora_stack), cfg)
-    guider.set_conds(positive, negative)
+    guider.set_conds(positive, negative, adapter_positive, adapter_negative)
     return guider
 
 
-def switch_guider(model, positive, negative, lora_stack, cfg, tau):
+def switch_guider(model, positive, negative, lora_stack, cfg, tau, adapter_positive=None, adapter_negative=None):
     adapters = _adapters(model, lora_stack)
     guider = LoRASwitchGuider(model, adapters, cfg, lc.SwitchSchedule(len(adapters), tau))
-    guider.set_conds(positive, negative)
+    guider.set_conds(positive, negative, adapter_positive, adapter_negative)
     return guider

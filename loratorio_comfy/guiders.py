@@ -26,8 +26,8 @@ WRAPPER_KEY = "loratorio"
 POSITIVE, NEGATIVE = "positive", "negative"
 
 
-def hooked_cond_name(name: str, adapter: int) -> str:
-    """The key of a cond list copy carrying adapter ``adapter``'s ComfyUI LoRA hook."""
+def adapter_cond_name(name: str, adapter: int) -> str:
+    """The key of adapter ``adapter``'s own cond list (its own prompt encoding or its LoRA hook)."""
     return f"{name}@{adapter}"
 
 
@@ -60,21 +60,31 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
             is_model_options=True,
         )
 
-    def set_conds(self, positive, negative=None) -> None:
-        """A negative is optional: distilled models (cfg 1) never evaluate it.
+    def set_conds(self, positive, negative=None, adapter_positive=None, adapter_negative=None) -> None:
+        """Set the prompts. A negative is optional: distilled models (cfg 1) never evaluate it.
 
-        Adapters that run through ComfyUI's hooks path get their own copies of the conds with a
-        LoRA hook attached (one hook group per adapter, so its cond and uncond share a forward).
+        By default every adapter row sees the base prompt encoding. ``adapter_positive`` /
+        ``adapter_negative`` (one CONDITIONING per adapter, e.g. encoded with each LoRA's
+        text-encoder weights) replace it for the adapters' rows. Adapters that run through
+        ComfyUI's hooks path get copies of their conds with a LoRA hook attached (one hook group
+        per adapter, so its cond and uncond share a forward).
         """
         conds = {POSITIVE: positive}
         if negative is not None:
             conds[NEGATIVE] = negative
+        per_adapter = {POSITIVE: adapter_positive, NEGATIVE: adapter_negative}
+        for name, given in per_adapter.items():
+            if given is not None and len(given) != len(self.adapters):
+                raise ValueError(
+                    f"adapter_{name} holds {len(given)} conditionings for {len(self.adapters)} LoRAs; give one per LoRA"
+                )
         for index, adapter in enumerate(self.adapters.adapters):
-            if adapter.via_hooks:
-                hooks = comfy.hooks.create_hook_lora(adapter.state, adapter.strength, 0.0)
-                for name in (POSITIVE, NEGATIVE):
-                    if name in conds:
-                        conds[hooked_cond_name(name, index)] = comfy.hooks.set_hooks_for_conditioning(conds[name], hooks)
+            hooks = comfy.hooks.create_hook_lora(adapter.state, adapter.strength, 0.0) if adapter.via_hooks else None
+            for name, given in per_adapter.items():
+                if name not in conds or (given is None and hooks is None):
+                    continue
+                source = conds[name] if given is None else given[index]
+                conds[adapter_cond_name(name, index)] = comfy.hooks.set_hooks_for_conditioning(source, hooks)
         self.inner_set_conds(conds)
 
     @property
@@ -99,10 +109,7 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
         row_map = tuple(BASE_ROW if via_hooks else adapter for (_, adapter), via_hooks in zip(rows, hooked, strict=True))
         transformer_options[ROW_MAP_KEY] = {"rows": row_map, "base_index": len(self.adapters)}
         options["transformer_options"] = transformer_options
-        conds = [
-            self.conds[hooked_cond_name(name, adapter) if via_hooks else name]
-            for (name, adapter), via_hooks in zip(rows, hooked, strict=True)
-        ]
+        conds = [self.conds.get(adapter_cond_name(name, adapter), self.conds[name]) for name, adapter in rows]
         return comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, options)
 
     def guide(self, cond: torch.Tensor, uncond: torch.Tensor | None, x, timestep, model_options) -> torch.Tensor:

@@ -10,6 +10,7 @@ from .. import loratorio_core as lc
 
 CATEGORY = "loratorio"
 LORA_STACK = "LORA_STACK"
+LORA_CONDITIONING = "LORA_CONDITIONING"
 NO_LORA = "None"
 
 
@@ -53,6 +54,14 @@ def composition_inputs() -> dict[str, tuple]:
         "negative": ("CONDITIONING", tip("The negative prompt (unused at cfg 1, e.g. Flux-dev).")),
         "lora_stack": (LORA_STACK, tip("The LoRAs to compose, e.g. from Multi-LoRA Loader.")),
         "cfg": ("FLOAT", tip("Classifier-free guidance scale.", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01)),
+    }
+
+
+def adapter_prompt_inputs() -> dict[str, tuple]:
+    """Optional per-adapter prompt encodings (from Multi-LoRA Text Encode)."""
+    return {
+        "adapter_positive": (LORA_CONDITIONING, tip("Optional: each adapter's own encoding of the prompt.")),
+        "adapter_negative": (LORA_CONDITIONING, tip("Optional: each adapter's own encoding of the negative prompt.")),
     }
 
 

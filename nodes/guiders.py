@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..loratorio_comfy import build
-from .common import CATEGORY, as_lora_stack, composition_inputs, loratorio_inputs, tip
+from .common import CATEGORY, adapter_prompt_inputs, as_lora_stack, composition_inputs, loratorio_inputs, tip
 
 GUIDER_CATEGORY = f"{CATEGORY}/guiders"
 
@@ -19,7 +19,7 @@ class LoRAtorioGuiderNode:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {**composition_inputs(), **loratorio_inputs()}}
+        return {"required": {**composition_inputs(), **loratorio_inputs()}, "optional": adapter_prompt_inputs()}
 
     def get_guider(self, model, positive, negative, lora_stack, cfg, **params):
         return (build.loratorio_guider(model, positive, negative, as_lora_stack(lora_stack), cfg, **params),)
@@ -33,10 +33,10 @@ class LoRACompositeGuiderNode:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": composition_inputs()}
+        return {"required": composition_inputs(), "optional": adapter_prompt_inputs()}
 
-    def get_guider(self, model, positive, negative, lora_stack, cfg):
-        return (build.composite_guider(model, positive, negative, as_lora_stack(lora_stack), cfg),)
+    def get_guider(self, model, positive, negative, lora_stack, cfg, **prompts):
+        return (build.composite_guider(model, positive, negative, as_lora_stack(lora_stack), cfg, **prompts),)
 
 
 def tau_input() -> tuple:
@@ -51,10 +51,10 @@ class LoRASwitchGuiderNode:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {**composition_inputs(), "tau": tau_input()}}
+        return {"required": {**composition_inputs(), "tau": tau_input()}, "optional": adapter_prompt_inputs()}
 
-    def get_guider(self, model, positive, negative, lora_stack, cfg, tau):
-        return (build.switch_guider(model, positive, negative, as_lora_stack(lora_stack), cfg, tau),)
+    def get_guider(self, model, positive, negative, lora_stack, cfg, tau, **prompts):
+        return (build.switch_guider(model, positive, negative, as_lora_stack(lora_stack), cfg, tau, **prompts),)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..loratorio_comfy import build
 from ..loratorio_comfy.sampling import sample_latent
 from ..loratorio_comfy.weight_map_image import render_weight_maps
-from .common import CATEGORY, as_lora_stack, composition_inputs, ksampler_inputs, loratorio_inputs
+from .common import CATEGORY, adapter_prompt_inputs, as_lora_stack, composition_inputs, ksampler_inputs, loratorio_inputs
 from .guiders import tau_input
 
 SAMPLER_CATEGORY = f"{CATEGORY}/sampling"
@@ -28,7 +28,10 @@ class LoRAtorioSampler:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {**composition_inputs(), **ksampler_inputs(), **loratorio_inputs()}}
+        return {
+            "required": {**composition_inputs(), **ksampler_inputs(), **loratorio_inputs()},
+            "optional": adapter_prompt_inputs(),
+        }
 
     def sample(self, model, positive, negative, lora_stack, cfg, latent_image, **values):
         ksampler, params = split_ksampler_args(values)
@@ -46,11 +49,11 @@ class LoRACompositeSampler:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {**composition_inputs(), **ksampler_inputs()}}
+        return {"required": {**composition_inputs(), **ksampler_inputs()}, "optional": adapter_prompt_inputs()}
 
     def sample(self, model, positive, negative, lora_stack, cfg, latent_image, **values):
-        ksampler, _ = split_ksampler_args(values)
-        guider = build.composite_guider(model, positive, negative, as_lora_stack(lora_stack), cfg)
+        ksampler, prompts = split_ksampler_args(values)
+        guider = build.composite_guider(model, positive, negative, as_lora_stack(lora_stack), cfg, **prompts)
         return (sample_latent(guider, latent_image, **ksampler),)
 
 
@@ -62,11 +65,14 @@ class LoRASwitchSampler:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {**composition_inputs(), **ksampler_inputs(), "tau": tau_input()}}
+        return {
+            "required": {**composition_inputs(), **ksampler_inputs(), "tau": tau_input()},
+            "optional": adapter_prompt_inputs(),
+        }
 
     def sample(self, model, positive, negative, lora_stack, cfg, latent_image, tau, **values):
-        ksampler, _ = split_ksampler_args(values)
-        guider = build.switch_guider(model, positive, negative, as_lora_stack(lora_stack), cfg, tau)
+        ksampler, prompts = split_ksampler_args(values)
+        guider = build.switch_guider(model, positive, negative, as_lora_stack(lora_stack), cfg, tau, **prompts)
         return (sample_latent(guider, latent_image, **ksampler),)
 
 

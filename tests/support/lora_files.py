@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import comfy.lora
 import comfy.utils
 import safetensors.torch
 import torch
@@ -86,12 +87,25 @@ def _low_rank_pair(shape: tuple[int, ...], rank: int, generator: torch.Generator
     return up, down
 
 
-def write_kohya(path: Path, family: str, model, rank: int = 4, alpha: float = 2.0, seed: int = 0) -> Path:
+def text_encoder_targets(clip) -> list[Target]:
+    """The CLIP-L layers kohya names ``lora_te_text_model_encoder_layers_<i>_<layer>``."""
+    state = clip.cond_stage_model.state_dict()
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    return [
+        Target(name, key, None, tuple(state[key].shape))
+        for name, key in sorted(key_map.items())
+        if name.startswith("lora_te_text_model_encoder_layers_")
+    ]
+
+
+def write_kohya(path: Path, family: str, model, rank: int = 4, alpha: float = 2.0, seed: int = 0, clip=None) -> Path:
+    """kohya keys for the diffusion model, and for the text encoder too when ``clip`` is given."""
     generator = torch.Generator().manual_seed(seed)
     targets = diffusers_targets(family, model) if family in ("sd15", "sdxl") else checkpoint_targets(model)
+    te_targets = text_encoder_targets(clip) if clip is not None else []
     tensors: dict[str, torch.Tensor] = {}
-    for target in targets:
-        stem = "lora_unet_" + target.file_name.replace(".", "_")
+    for target in [*targets, *te_targets]:
+        stem = target.file_name if target in te_targets else "lora_unet_" + target.file_name.replace(".", "_")
         up, down = _low_rank_pair(target.shape, rank, generator)
         tensors[f"{stem}.lora_up.weight"] = up
         tensors[f"{stem}.lora_down.weight"] = down

@@ -12,7 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import comfy.model_patcher
+import comfy.sd
+import comfy.sd1_clip
 import comfy.supported_models
+import comfy.supported_models_base
 import torch
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux")
@@ -174,3 +177,27 @@ def conditioning(family: str, batch: int = 1, tokens: int = 7, seed: int = 1) ->
 def latent(family: str, batch: int = 1, size: int = 16, seed: int = 2) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, FAMILY_SPECS[family].latent_channels, size, size, generator=generator)
+
+
+TINY_CLIP_L_CONFIG = {
+    "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 49407,
+    "hidden_act": "quick_gelu", "hidden_size": 768, "initializer_factor": 1.0, "initializer_range": 0.02,
+    "intermediate_size": 256, "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "model_type": "clip_text_model",
+    "num_attention_heads": 12, "num_hidden_layers": 2, "pad_token_id": 1, "projection_dim": 768, "vocab_size": 49408,
+}  # fmt: skip
+
+
+class TinyClipL(comfy.sd1_clip.SDClipModel):
+    """SD1.5's CLIP-L text encoder class with 2 layers and a narrow MLP (same width, tokenizer, keys)."""
+
+    def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006 - ComfyUI's signature
+        super().__init__(device=device, dtype=dtype, textmodel_json_config=TINY_CLIP_L_CONFIG, return_projected_pooled=False,
+                         model_options={**model_options, "model_name": "clip_l"})  # fmt: skip
+
+
+def build_clip(seed: int = 0) -> comfy.sd.CLIP:
+    """A real ComfyUI CLIP object (SD1.5 tokenizer and text model class), seeded, on the CPU."""
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"clip_l_class": TinyClipL})
+    fill_seeded(clip.cond_stage_model, seed)
+    return clip
