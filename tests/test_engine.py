@@ -279,3 +279,23 @@ def test_hooks_path_adapter_beside_batched_adapters(engine, tiny_model_factory, 
     # per step: one forward for the base and the two batched adapters (cond + uncond each), one for the LoHa's pair
     assert sorted(counter.rows) == sorted([2 + 2 * 2, 2] * STEPS)
     assert_same_weights(patcher, weights)
+
+
+def test_memory_is_reserved_for_the_real_row_count(engine, tiny_model_factory, sd15_stack, monkeypatch):
+    import comfy.sampler_helpers
+
+    seen_rows = []
+    original = comfy.sampler_helpers.estimate_memory
+
+    def recording(model, noise_shape, conds):
+        seen_rows.append(noise_shape[0] * 2)  # ComfyUI estimates for 2 x the noise batch
+        return original(model, noise_shape, conds)
+
+    monkeypatch.setattr(comfy.sampler_helpers, "estimate_memory", recording)
+    patcher = tiny_model_factory("sd15")
+    guider = make_guider(engine, "loratorio", patcher, sd15_stack[:3], recentre_lambda=0.5)
+    run_sampler(engine, guider, {"samples": torch.zeros(3, 4, 16, 16)})
+    assert seen_rows == [3 * (2 + 2 * 3)]
+    seen_rows.clear()
+    plain_ksampler(patcher)
+    assert seen_rows == [2]

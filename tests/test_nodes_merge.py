@@ -96,3 +96,14 @@ def test_a_failing_node_module_does_not_take_the_pack_down(pack, caplog):
     assert list(failures) == ["no_such_module"] and "ModuleNotFoundError" in failures["no_such_module"]
     assert "no_such_module" in caplog.text
     assert pack.nodes.FAILED_MODULES == {}
+
+
+def test_every_node_has_a_help_page_and_a_description(pack):
+    from pathlib import Path
+
+    docs = Path(pack.__file__).parent / "web" / "docs"
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        page = docs / f"{name}.md"
+        assert page.is_file(), f"no help page web/docs/{name}.md"
+        assert page.read_text().startswith("# "), f"{page.name} has no title"
+        assert len(cls.DESCRIPTION) > 40
