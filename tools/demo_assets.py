@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Write the demo's model files: a ComfyUI-loadable SD1.5-architecture checkpoint and LoRAs for it.
+
+    python3 tools/host.py run -- tools/demo_assets.py [--models-dir DIR]
+
+No model weights can be downloaded here, so the weights are seeded random numbers: the images
+are abstract. The checkpoint has SD1.5's full CLIP-L text encoder and VAE and a reduced UNet
+(320 channels, two levels, one res block each) that ComfyUI's ``CheckpointLoaderSimple`` detects
+as SD1.5 and samples at 256x256 in seconds on a CPU. The LoRAs use different key styles (kohya
+with text-encoder weights, diffusers/PEFT written by ``peft``, ComfyUI, LyCORIS LoHa).
+
+Files are written under ``DIR/checkpoints`` and ``DIR/loras`` (default: the host ComfyUI's
+``models`` folder) and skipped when an up-to-date copy exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ASSET_VERSION = "1"
+CHECKPOINT_NAME = "loratorio-demo-sd15.safetensors"
+DEMO_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [1, 1],
+    "transformer_depth": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1], "use_temporal_attention": False, "use_temporal_resblock": False,
+}  # fmt: skip
+# (file name, key style, seed): one LoRA per concept of the demo prompt
+DEMO_LORAS = (
+    ("demo-character-kohya.safetensors", "kohya", 1),
+    ("demo-style-peft.safetensors", "peft", 2),
+    ("demo-background-comfy.safetensors", "comfy", 3),
+    ("demo-object-loha.safetensors", "loha", 4),
+)
+SD_VAE_CONFIG = {
+    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+}  # fmt: skip
+
+PACK_DIR = Path(__file__).resolve().parent.parent
+
+
+def comfyui_on_path() -> Path:
+    comfyui = Path(os.environ.get("LORATORIO_COMFYUI_DIR", ""))
+    if not (comfyui / "comfy").is_dir():
+        sys.exit("run this through the host: python3 tools/host.py run -- tools/demo_assets.py")
+    sys.path.insert(0, str(comfyui))
+    sys.path.append(str(PACK_DIR / "tests"))  # the seeded-weight and LoRA writers the tests use
+    from comfy.cli_args import args
+
+    args.cpu = True
+    return comfyui
+
+
+def build_checkpoint(path: Path) -> None:
+    import comfy.ldm.models.autoencoder
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+    import torch
+
+    from support.tiny_models import fill_seeded
+
+    model_config = comfy.supported_models.SD15(dict(DEMO_UNET))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    fill_seeded(model.diffusion_model, 0)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+    clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel))
+    fill_seeded(clip.cond_stage_model, 1)
+
+    autoencoder = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD_VAE_CONFIG), embed_dim=4)
+    fill_seeded(autoencoder, 2)
+    vae = comfy.sd.VAE(sd=autoencoder.state_dict())
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    comfy.sd.save_checkpoint(str(partial), patcher, clip, vae, metadata={"loratorio_demo_assets": ASSET_VERSION})
+    partial.replace(path)
+
+
+def build_loras(folder: Path, checkpoint: Path) -> None:
+    import comfy.sd
+    import comfy.utils
+
+    from support.lora_files import write_kohya, write_lora
+
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, style, seed in DEMO_LORAS:
+        target = folder / name
+        if is_current(target):
+            continue
+        partial = target.with_suffix(".partial")
+        if style == "kohya":
+            write_kohya(partial, "sd15", model.model, seed=seed, clip=clip)
+        else:
+            write_lora(partial, "sd15", model.model, style, seed=seed)
+        stamp(partial)
+        partial.replace(target)
+
+
+def is_current(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    import safetensors
+
+    with safetensors.safe_open(str(path), "pt") as handle:
+        return (handle.metadata() or {}).get("loratorio_demo_assets") == ASSET_VERSION
+
+
+def stamp(path: Path) -> None:
+    import safetensors.torch
+
+    tensors = safetensors.torch.load_file(str(path))
+    safetensors.torch.save_file(tensors, str(path), metadata={"loratorio_demo_assets": ASSET_VERSION})
+
+
+def ensure_demo_assets(models_dir: Path) -> tuple[Path, list[Path]]:
+    """Create the checkpoint and LoRAs under ``models_dir`` unless up to date; return their paths."""
+    checkpoint = models_dir / "checkpoints" / CHECKPOINT_NAME
+    if not is_current(checkpoint):
+        print(f"[demo-assets] writing {checkpoint} (seeded weights)", flush=True)
+        build_checkpoint(checkpoint)
+    loras = models_dir / "loras"
+    if not all(is_current(loras / name) for name, _, _ in DEMO_LORAS):
+        print(f"[demo-assets] writing the demo LoRAs into {loras}", flush=True)
+        build_loras(loras, checkpoint)
+    return checkpoint, [loras / name for name, _, _ in DEMO_LORAS]
+
+
+def main() -> int:
+    comfyui = comfyui_on_path()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models-dir", type=Path, default=comfyui / "models")
+    options = parser.parse_args()
+    checkpoint, loras = ensure_demo_assets(options.models_dir)
+    print(f"[demo-assets] checkpoint: {checkpoint}")
+    for lora in loras:
+        print(f"[demo-assets] LoRA: {lora}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
