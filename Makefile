@@ -6,7 +6,8 @@ PORT ?= 8188
 
 .PHONY: demo test host lint format
 
-demo:  ## start ComfyUI with the pack and print its URL (Ctrl-C stops it)
+demo:  ## write the demo checkpoint and LoRAs, start ComfyUI with the pack, print its URL (Ctrl-C stops it)
+	$(HOST) run -- tools/demo_assets.py
 	$(HOST) serve --port $(PORT)
 
 test:  ## the whole test suite against the real ComfyUI host

@@ -10,6 +10,8 @@ from .. import loratorio_core as lc
 
 MAX_TILES = 8
 TILE_PIXELS = 128
+TILE_GAP = 4
+LABEL_ROW = 14
 LEGEND_ROW = 18
 
 
@@ -20,6 +22,10 @@ def pick_steps(step_count: int, tiles: int = MAX_TILES) -> list[int]:
     return sorted({round(i * (step_count - 1) / (tiles - 1)) for i in range(tiles)})
 
 
+def legend_top(tile_height: int) -> int:
+    return LABEL_ROW + tile_height + 4
+
+
 def render_weight_maps(maps: torch.Tensor, names: list[str]) -> torch.Tensor:
     """``maps [steps, N, h, w]`` -> ComfyUI IMAGE ``[1, H, W, 3]`` in ``[0, 1]``."""
     palette = lc.adapter_palette(maps.shape[1])
@@ -28,15 +34,17 @@ def render_weight_maps(maps: torch.Tensor, names: list[str]) -> torch.Tensor:
     tile_w = TILE_PIXELS
     tile_h = max(1, round(TILE_PIXELS * height / width))
     legend_h = LEGEND_ROW * (len(names) + 1)
-    canvas = Image.new("RGB", (tile_w * len(steps), tile_h + legend_h), (24, 24, 24))
+    width = len(steps) * (tile_w + TILE_GAP) - TILE_GAP
+    canvas = Image.new("RGB", (width, LABEL_ROW + tile_h + legend_h), (24, 24, 24))
     draw = ImageDraw.Draw(canvas)
     for column, step in enumerate(steps):
         rgb = (lc.colourise(maps[step], palette).numpy() * 255).astype(np.uint8)
         tile = Image.fromarray(rgb).resize((tile_w, tile_h), Image.Resampling.NEAREST)
-        canvas.paste(tile, (column * tile_w, 0))
-        draw.text((column * tile_w + 3, 2), f"step {step + 1}", fill=(255, 255, 255))
+        left = column * (tile_w + TILE_GAP)
+        canvas.paste(tile, (left, LABEL_ROW))
+        draw.text((left + 2, 1), f"step {step + 1}", fill=(230, 230, 230))
     for row, name in enumerate(names):
-        y = tile_h + 4 + row * LEGEND_ROW
+        y = legend_top(tile_h) + row * LEGEND_ROW
         colour = tuple(int(c * 255) for c in palette[row].tolist())
         draw.rectangle((4, y, 16, y + 12), fill=colour)
         draw.text((22, y), name, fill=(230, 230, 230))

@@ -236,10 +236,14 @@ def test_loratorio_sampler_node_outputs_weight_maps_with_a_legend(pack, tiny_mod
     )  # fmt: skip
     assert latent["samples"].shape == (1, 4, 16, 16)
     assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3
-    assert image.shape[2] == 128 * STEPS and image.shape[1] > 128  # one tile per step above the legend
+    from comfyui_loratorio.loratorio_comfy import weight_map_image as wmi
+
+    tile = wmi.TILE_PIXELS
+    assert image.shape[2] == STEPS * (tile + wmi.TILE_GAP) - wmi.TILE_GAP  # one tile per step above the legend
+    assert image.shape[1] == wmi.legend_top(tile) - 4 + wmi.LEGEND_ROW * 4
     assert image.min() >= 0.0 and image.max() <= 1.0 and image.std() > 0.05
     palette = pack.loratorio_core.adapter_palette(3)
-    legend_swatches = [image[0, 128 + 4 + 18 * i + 6, 10] for i in range(3)]
+    legend_swatches = [image[0, wmi.legend_top(tile) + wmi.LEGEND_ROW * i + 6, 10] for i in range(3)]
     for swatch, colour in zip(legend_swatches, palette, strict=True):
         torch.testing.assert_close(swatch, colour, atol=1 / 255, rtol=0)
 

@@ -22,13 +22,6 @@ from pathlib import Path
 
 ASSET_VERSION = "1"
 CHECKPOINT_NAME = "loratorio-demo-sd15.safetensors"
-DEMO_UNET = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [1, 1],
-    "transformer_depth": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
-    "transformer_depth_output": [1, 1, 1, 1], "use_temporal_attention": False, "use_temporal_resblock": False,
-}  # fmt: skip
 # (file name, key style, seed): one LoRA per concept of the demo prompt
 DEMO_LORAS = (
     ("demo-character-kohya.safetensors", "kohya", 1),
@@ -65,9 +58,10 @@ def build_checkpoint(path: Path) -> None:
     import comfy.supported_models_base
     import torch
 
-    from support.tiny_models import fill_seeded
+    from support.tiny_models import SD15_CONFIG, fill_seeded
 
-    model_config = comfy.supported_models.SD15(dict(DEMO_UNET))
+    # the tests' tiny SD1.5 UNet at SD1.5's real width: 320 channels is what detection calls SD1.5
+    model_config = comfy.supported_models.SD15({**SD15_CONFIG, "model_channels": 320})
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
     fill_seeded(model.diffusion_model, 0)
