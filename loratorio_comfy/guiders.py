@@ -96,6 +96,8 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
         raise NotImplementedError
 
     def sample(self, *args, **kwargs):
+        if self.uses_uncond and NEGATIVE not in self.original_conds:
+            raise ValueError(f"cfg is {self.cfg} but no negative conditioning was given; connect one or set cfg to 1")
         with row_loras_installed(self.model_patcher.model.diffusion_model, self.adapters.stacked_layers()):
             return super().sample(*args, **kwargs)
 
@@ -127,9 +129,13 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
             uncond=self.conds.get(NEGATIVE) if self.uses_uncond else None,
         )
 
-    def require_negative(self) -> None:
-        if self.uses_uncond and self.conds.get(NEGATIVE) is None:
-            raise ValueError(f"cfg is {self.cfg} but no negative conditioning was given; connect one or set cfg to 1")
+    @staticmethod
+    def step_of(timestep: torch.Tensor, model_options: dict) -> int:
+        """The sampling step an evaluation belongs to, from the sampler's sigmas (see ``lc.step_index``)."""
+        sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+        if sample_sigmas is None:
+            raise RuntimeError("the sampler's sigmas are missing from transformer_options['sample_sigmas']")
+        return lc.step_index(timestep, sample_sigmas)
 
 
 class LoRAtorioGuider(AdapterRowsGuider):
@@ -139,6 +145,10 @@ class LoRAtorioGuider(AdapterRowsGuider):
         self.params = params
         super().__init__(model_patcher, adapters, cfg)
         self.weight_history = lc.WeightMapHistory()
+
+    def sample(self, *args, **kwargs):
+        self.weight_history.clear()
+        return super().sample(*args, **kwargs)
 
     def rows_per_step(self) -> int:
         n = len(self.adapters)
@@ -155,13 +165,12 @@ class LoRAtorioGuider(AdapterRowsGuider):
         return rows
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 - CFGGuider's signature
-        self.require_negative()
         n = len(self.adapters)
         out = self.evaluate(self.row_plan(), x, timestep, model_options)
         base_cond, adapter_conds = out[0], torch.stack(out[1 : 1 + n])
         # the routing signal lives in noise space; x and sigma are shared, so (x - D) has the same cosines
         weights = lc.routing_weights(x.unsqueeze(0) - adapter_conds, x - base_cond, self.params)
-        self.weight_history.record(weights)
+        self.weight_history.record(weights, step=self.step_of(timestep, model_options))
         cond = lc.weighted_sum(weights, adapter_conds)
         uncond = None
         if self.uses_uncond:
@@ -177,7 +186,6 @@ class LoRACompositeGuider(AdapterRowsGuider):
         return len(self.adapters) * (2 if self.uses_uncond else 1)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006
-        self.require_negative()
         n = len(self.adapters)
         rows = [(POSITIVE, i) for i in range(n)] + ([(NEGATIVE, i) for i in range(n)] if self.uses_uncond else [])
         out = self.evaluate(rows, x, timestep, model_options)
@@ -194,18 +202,12 @@ class LoRASwitchGuider(AdapterRowsGuider):
             raise ValueError(f"the switch schedule is for {schedule.adapter_count} adapters, the stack has {len(adapters)}")
         self.schedule = schedule
         super().__init__(model_patcher, adapters, cfg)
-        self.active_history: list[int] = []
 
     def rows_per_step(self) -> int:
         return 2 if self.uses_uncond else 1
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006
-        self.require_negative()
-        sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
-        if sample_sigmas is None:
-            raise RuntimeError("LoRA Switch needs the sampler's sigmas (transformer_options['sample_sigmas'])")
-        active = self.schedule.active_adapter(timestep, sample_sigmas)
-        self.active_history.append(active)
+        active = self.schedule.adapter_at_step(self.step_of(timestep, model_options))
         rows = [(POSITIVE, active)] + ([(NEGATIVE, active)] if self.uses_uncond else [])
         out = self.evaluate(rows, x, timestep, model_options)
         return self.guide(out[0], out[1] if self.uses_uncond else None, x, timestep, model_options)

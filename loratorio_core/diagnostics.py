@@ -2,6 +2,7 @@
 
 A :class:`WeightMapHistory` records ``Omega`` after each LoRAtorio step as one ``[N, H, W]`` map
 per step (one ``[H, W]`` map per adapter, for one sample of the batch), detached and on the CPU.
+Samplers that evaluate the model several times per step keep the step's last evaluation.
 :func:`colourise` turns a map into an RGB image in which each adapter has its own colour and a
 pixel's colour is the weight-mixed colour of the adapters there.
 """
@@ -33,20 +34,23 @@ def colourise(weight_map: Tensor, palette: Tensor | None = None) -> Tensor:
 
 
 class WeightMapHistory:
-    """Collects ``Omega`` per step; ``maps()`` gives float32 ``[steps, N, H, W]``."""
+    """Collects ``Omega`` per step; ``maps()`` gives float32 ``[steps, N, H, W]`` in step order."""
 
     def __init__(self, sample: int = 0) -> None:
         self.sample = sample
-        self._maps: list[Tensor] = []
+        self._maps: dict[int, Tensor] = {}
 
-    def record(self, weights: Tensor) -> None:
-        """Keep sample ``self.sample`` of ``weights [N, B, 1, H, W]`` (or ``[N, B, H, W]``)."""
+    def record(self, weights: Tensor, step: int | None = None) -> None:
+        """Keep sample ``self.sample`` of ``weights [N, B, 1, H, W]`` (or ``[N, B, H, W]``) as ``step``
+        (default: the step after the last recorded one); a later record of the same step replaces it."""
         if weights.ndim == 5:
             weights = weights.squeeze(2)
         if weights.ndim != 4:
             raise ValueError(f"weights must have shape [N, B, 1, H, W], got {tuple(weights.shape)}")
         index = min(self.sample, weights.shape[1] - 1)
-        self._maps.append(weights[:, index].detach().to("cpu", torch.float32))
+        if step is None:
+            step = max(self._maps, default=-1) + 1
+        self._maps[step] = weights[:, index].detach().to("cpu", torch.float32)
 
     def __len__(self) -> int:
         return len(self._maps)
@@ -57,4 +61,4 @@ class WeightMapHistory:
     def maps(self) -> Tensor:
         if not self._maps:
             raise ValueError("no LoRAtorio step was recorded")
-        return torch.stack(self._maps)
+        return torch.stack([self._maps[step] for step in sorted(self._maps)])

@@ -168,30 +168,29 @@ def test_every_sampler_family_runs(engine, tiny_model_factory, sd15_stack, sampl
     guider = make_guider(engine, "loratorio", patcher, sd15_stack[:2])
     out = run_sampler(engine, guider, sampler=sampler, steps=4)["samples"]
     assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()
-    assert len(guider.weight_history) >= 4
+    assert len(guider.weight_history) == 4  # one map per step, however often the sampler evaluates
 
 
 def test_switch_changes_adapter_at_the_right_steps_under_heun(engine, tiny_model_factory, sd15_stack):
     patcher = tiny_model_factory("sd15")
     guider = make_guider(engine, "switch", patcher, sd15_stack[:2], tau=2)
-    seen: list[tuple[float, int]] = []
-    original = guider.schedule.active_adapter
+    evaluated: list[tuple[float, set[int]]] = []  # (sigma, adapters of the rows) per model evaluation
+    evaluate = guider.evaluate
 
-    def recording(sigma, sample_sigmas):
-        active = original(sigma, sample_sigmas)
-        seen.append((float(torch.as_tensor(sigma).flatten()[0]), active))
-        return active
+    def recording(rows, x, timestep, model_options):
+        evaluated.append((float(timestep.flatten()[0]), {adapter for _, adapter in rows}))
+        return evaluate(rows, x, timestep, model_options)
 
-    object.__setattr__(guider, "schedule", type("Recorded", (), {"active_adapter": staticmethod(recording)})())
+    guider.evaluate = recording
     run_sampler(engine, guider, sampler="heun", steps=6)
     sigmas = engine.sampling.ksampler_sigmas(patcher, 6, "normal", 1.0).tolist()
-    first_eval_per_step = {}
-    for sigma, active in seen:
+    assert len(evaluated) == 2 * 6 - 1  # heun: two evaluations per step, one on the last
+    first_per_step: dict[int, int] = {}
+    for sigma, adapters in evaluated:
+        assert len(adapters) == 1, "cond and uncond rows use the same adapter"
         step = lc.step_index(sigma, sigmas)
-        first_eval_per_step.setdefault(step, active)
-        assert active == lc.SwitchSchedule(2, 2).adapter_at_step(step)
-    assert [first_eval_per_step[i] for i in range(6)] == [0, 0, 1, 1, 0, 0]
-    assert len(seen) == 2 * 6 - 1  # heun: two evaluations per step, one on the last
+        first_per_step.setdefault(step, adapters.pop())
+    assert [first_per_step[i] for i in range(6)] == [0, 0, 1, 1, 0, 0]
 
 
 def test_batches_denoise_and_inpainting_mask(engine, tiny_model_factory, sd15_stack):
