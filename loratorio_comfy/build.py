@@ -5,6 +5,7 @@ from __future__ import annotations
 from .. import loratorio_core as lc
 from .adapter_set import AdapterSet
 from .guiders import LoRACompositeGuider, LoRASwitchGuider, LoRAtorioGuider
+from .weight_map_image import render_weight_maps
 
 
 def _adapters(model, lora_stack) -> AdapterSet:
@@ -48,3 +49,12 @@ def switch_guider(model, positive, negative, lora_stack, cfg, tau, adapter_posit
     guider = LoRASwitchGuider(model, adapters, cfg, lc.SwitchSchedule(len(adapters), tau))
     guider.set_conds(positive, negative, adapter_positive, adapter_negative)
     return guider
+
+
+def weight_map_image(guider):
+    """The IMAGE of a LoRAtorio guider's recorded per-step weight maps, with a legend of LoRA names."""
+    if not isinstance(guider, LoRAtorioGuider):
+        raise ValueError(f"weight maps come from a LoRAtorio Guider; this guider is a {type(guider).__name__}")
+    if len(guider.weight_history) == 0:
+        raise ValueError("the LoRAtorio Guider has not sampled yet; connect the sampler's output latent to 'samples'")
+    return render_weight_maps(guider.weight_history.maps(), guider.adapters.names)

@@ -57,13 +57,40 @@ class LoRASwitchGuiderNode:
         return (build.switch_guider(model, positive, negative, as_lora_stack(lora_stack), cfg, tau, **prompts),)
 
 
+class LoRAtorioWeightMaps:
+    """Reads the weight maps a LoRAtorio Guider recorded during a SamplerCustomAdvanced run."""
+
+    CATEGORY = GUIDER_CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("weight_maps",)
+    FUNCTION = "render"
+    DESCRIPTION = (
+        "The per-step routing weight maps of a LoRAtorio Guider (one colour per adapter, with a legend). Connect the "
+        "guider and the sampler's output latent, so that this node runs after the sampling it shows."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "guider": ("GUIDER", tip("The LoRAtorio Guider used by SamplerCustomAdvanced.")),
+                "samples": ("LATENT", tip("SamplerCustomAdvanced's output: only orders this node after the sampling.")),
+            }
+        }
+
+    def render(self, guider, samples):
+        return (build.weight_map_image(guider),)
+
+
 NODE_CLASS_MAPPINGS = {
     "LoRAtorioGuider": LoRAtorioGuiderNode,
     "LoRACompositeGuider": LoRACompositeGuiderNode,
     "LoRASwitchGuider": LoRASwitchGuiderNode,
+    "LoRAtorioWeightMaps": LoRAtorioWeightMaps,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoRAtorioGuider": "LoRAtorio Guider",
     "LoRACompositeGuider": "LoRA Composite Guider",
     "LoRASwitchGuider": "LoRA Switch Guider",
+    "LoRAtorioWeightMaps": "LoRAtorio Weight Maps",
 }

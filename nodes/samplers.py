@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from ..loratorio_comfy import build
 from ..loratorio_comfy.sampling import sample_latent
-from ..loratorio_comfy.weight_map_image import render_weight_maps
 from .common import CATEGORY, adapter_prompt_inputs, as_lora_stack, composition_inputs, ksampler_inputs, loratorio_inputs
 from .guiders import tau_input
 
@@ -37,8 +36,7 @@ class LoRAtorioSampler:
         ksampler, params = split_ksampler_args(values)
         guider = build.loratorio_guider(model, positive, negative, as_lora_stack(lora_stack), cfg, **params)
         latent = sample_latent(guider, latent_image, **ksampler)
-        maps = render_weight_maps(guider.weight_history.maps(), guider.adapters.names)
-        return (latent, maps)
+        return (latent, build.weight_map_image(guider))
 
 
 class LoRACompositeSampler:

@@ -302,3 +302,31 @@ def test_memory_is_reserved_for_the_real_row_count(engine, tiny_model_factory, s
     seen_rows.clear()
     plain_ksampler(patcher)
     assert seen_rows == [2]
+
+
+def test_weight_maps_node_reads_a_guider_after_sampler_custom_advanced(pack, tiny_model_factory, sd15_stack):
+    from comfy_extras.nodes_custom_sampler import SamplerCustomAdvanced
+
+    guider_node = pack.NODE_CLASS_MAPPINGS["LoRAtorioGuider"]()
+    maps_node = pack.NODE_CLASS_MAPPINGS["LoRAtorioWeightMaps"]()
+    (guider,) = guider_node.get_guider(
+        tiny_model_factory("sd15"), comfy_conditioning("sd15"), comfy_conditioning("sd15", seed=9), sd15_stack[:2], 5.0,
+        patch_size=4, temperature=0.05, recentre_lambda=0.5, top_k=0, top_k_mode="image",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="has not sampled yet"):
+        maps_node.render(guider, None)
+    noise = comfy_nodes_noise(seed=2)
+    sampler = comfy.samplers.sampler_object("dpmpp_2m")
+    sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "karras", STEPS)
+    output = SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, {"samples": torch.zeros(1, 4, 16, 16)})
+    (image,) = maps_node.render(guider, output.result[0])
+    assert image.shape[0] == 1 and image.shape[-1] == 3 and image.std() > 0.05
+    assert len(guider.weight_history) == STEPS
+    with pytest.raises(ValueError, match="from a LoRAtorio Guider"):
+        maps_node.render(comfy.samplers.CFGGuider(tiny_model_factory("sd15")), None)
+
+
+def comfy_nodes_noise(seed: int):
+    from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
+
+    return Noise_RandomNoise(seed)
