@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -66,10 +67,16 @@ class ParsedLoRA:
         return bool(self.fallback_patches)
 
 
+TEXT_ENCODER_KEY = re.compile(r"^(lora_te\d*_|text_encoder(_\d)?\.|text_encoders\.)")
+
+
 def _lora_stems(state: dict[str, torch.Tensor]) -> set[str]:
-    """The distinct layer names of a file: keys without their ``.lora_*``/``.alpha``-style suffix."""
+    """The distinct diffusion-model layer names of a file: keys without their ``.lora_*``/``.alpha``
+    style suffix; text-encoder layers (read by the CLIP side) are not counted."""
     stems = set()
     for key in state:
+        if TEXT_ENCODER_KEY.match(key):
+            continue
         for marker in (".lora_", "_lora.", ".lora.", ".alpha", ".hada_", ".lokr_", ".oft_", ".diff", ".dora_scale", ".w_norm"):
             if marker in key:
                 stems.add(key.split(marker)[0])

@@ -64,3 +64,10 @@ def test_adapter_prompt_count_must_match(engine, clip, te_lora, unet_only_lora, 
     guider = make_guider(engine, "composite", tiny_model_factory("sd15"), [(te_lora, 1.0, 1.0), (unet_only_lora, 1.0, 1.0)])
     with pytest.raises(ValueError, match="holds 1 conditionings for 2 LoRAs"):
         guider.set_conds(encode(clip, "x"), encode(clip, "y"), [encode(clip, "x")])
+
+
+def test_text_encoder_layers_do_not_count_as_unmatched(engine, te_lora, tiny_model_factory, caplog):
+    with caplog.at_level("WARNING"):
+        adapters = engine.adapter_set.AdapterSet(tiny_model_factory("sd15").model, [(te_lora, 1.0)])
+    assert "matched" not in caplog.text
+    assert adapters.adapters[0].parsed.matched == adapters.adapters[0].parsed.total == 75
