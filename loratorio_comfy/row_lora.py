@@ -95,7 +95,6 @@ class RowLoRAHook:
                 "this model family batches its layers in a way the per-row LoRA path does not support"
             )
         layer = self._on(x.device, x.dtype)
-        rows = rows.to(x.device)
         down, up = layer.down[rows], layer.up[rows]
         if self.conv:
             batch, channels = x.shape[:2]
@@ -144,7 +143,8 @@ def apply_model_with_rows(executor, x, t, c_concat=None, c_crossattn=None, contr
     row_map = options.get(ROW_MAP_KEY)
     if row_map is None:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    rows = rows_for_forward(row_map["rows"], options["cond_or_uncond"], x.shape[0], row_map["base_index"])
+    # moved once per forward, not once per layer
+    rows = rows_for_forward(row_map["rows"], options["cond_or_uncond"], x.shape[0], row_map["base_index"]).to(x.device)
     token = _CURRENT_ROWS.set(rows)
     try:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
