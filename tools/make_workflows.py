@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Write the example workflows: a UI-format file per method in ``workflows/`` (the graph editor
+lists them as templates) and its API-format twin in ``workflows/api/`` (what ``POST /prompt`` and
+``tools/comfy_client.py`` take).
+
+    python3 tools/make_workflows.py --server http://127.0.0.1:8188
+
+The API prompts below are the source; the UI layout is derived from them with the server's
+``/object_info`` (widget order, output types). Re-run after changing a node's inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfy_client import NEGATIVE_TITLE, POSITIVE_TITLE, http_json, is_widget
+
+WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows"
+CHECKPOINT = "loratorio-demo-sd15.safetensors"
+LORAS = [
+    ("demo-character-kohya.safetensors", 1.0),
+    ("demo-style-peft.safetensors", 0.8),
+    ("demo-background-comfy.safetensors", 1.0),
+    ("demo-object-loha.safetensors", 0.9),
+]
+PROMPT = "a knight with a red shield in a green garden, watercolour"
+NEGATIVE = "blurry, low quality"
+KSAMPLER = {"seed": 1, "steps": 20, "cfg": 7.0, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0}
+LORATORIO = {"patch_size": 8, "temperature": 0.05, "recentre_lambda": 0.5, "top_k": 0, "top_k_mode": "image"}
+
+
+def loader_inputs(loras: list[tuple[str, float]]) -> dict:
+    inputs: dict[str, object] = {}
+    for slot in range(1, 9):
+        name, strength = loras[slot - 1] if slot <= len(loras) else ("None", 1.0)
+        inputs.update({f"lora_{slot}": name, f"strength_{slot}": strength, f"enabled_{slot}": True})
+    return inputs
+
+
+def base_graph(clip_source: list) -> dict:
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "2": {
+            "class_type": "CLIPTextEncode",
+            "inputs": {"clip": clip_source, "text": PROMPT},
+            "_meta": {"title": POSITIVE_TITLE},
+        },
+        "3": {
+            "class_type": "CLIPTextEncode",
+            "inputs": {"clip": clip_source, "text": NEGATIVE},
+            "_meta": {"title": NEGATIVE_TITLE},
+        },
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
+    }
+
+
+def composition(sampler: str, loras: list[tuple[str, float]], method: dict, weight_maps: bool) -> dict:
+    graph = base_graph(["1", 1])
+    graph["5"] = {"class_type": "MultiLoRALoader", "inputs": loader_inputs(loras)}
+    sampler_inputs = {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "lora_stack": ["5", 0], **KSAMPLER}
+    graph["6"] = {"class_type": sampler, "inputs": {**sampler_inputs, "latent_image": ["4", 0], **method}}
+    graph["7"] = {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}}
+    graph["8"] = {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "loratorio"}}
+    if weight_maps:
+        graph["9"] = {"class_type": "SaveImage", "inputs": {"images": ["6", 1], "filename_prefix": "loratorio-weightmaps"}}
+    return graph
+
+
+def merge_baseline(loras: list[tuple[str, float]]) -> dict:
+    graph = base_graph(["10", 1])
+    graph["5"] = {"class_type": "MultiLoRALoader", "inputs": loader_inputs(loras)}
+    graph["10"] = {"class_type": "LoRAMerge", "inputs": {"model": ["1", 0], "lora_stack": ["5", 0], "clip": ["1", 1]}}
+    ksampler = {"model": ["10", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], **KSAMPLER}
+    graph["6"] = {"class_type": "KSampler", "inputs": ksampler}
+    graph["7"] = {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}}
+    graph["8"] = {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "loratorio-merge"}}
+    return graph
+
+
+WORKFLOWS = {
+    "loratorio": composition("LoRAtorioSampler", LORAS[:3], LORATORIO, weight_maps=True),
+    "loratorio-dynamic-pool": composition("LoRAtorioSampler", LORAS, {**LORATORIO, "top_k": 2}, weight_maps=True),
+    "lora-switch": composition("LoRASwitchSampler", LORAS[:3], {"tau": 5}, weight_maps=False),
+    "lora-composite": composition("LoRACompositeSampler", LORAS[:3], {}, weight_maps=False),
+    "lora-merge-baseline": merge_baseline(LORAS[:3]),
+}
+
+
+def api_to_ui(prompt: dict, object_info: dict) -> dict:
+    """The graph-editor form of an API prompt: nodes in dependency columns, links, widget values."""
+    depth: dict[str, int] = {}
+
+    def column(node_id: str) -> int:
+        if node_id not in depth:
+            sources = [v[0] for v in prompt[node_id]["inputs"].values() if isinstance(v, list)]
+            depth[node_id] = 1 + max((column(s) for s in sources), default=-1)
+        return depth[node_id]
+
+    links, nodes, rows_in_column = [], [], {}
+    outputs: dict[tuple[str, int], list[int]] = {}
+    for node_id in sorted(prompt, key=lambda n: (column(n), int(n))):
+        spec, info = prompt[node_id], object_info[prompt[node_id]["class_type"]]
+        inputs, widgets = [], []
+        for section in ("required", "optional"):
+            for name in info["input_order"].get(section, []):
+                input_spec = info["input"][section][name]
+                value = spec["inputs"].get(name)
+                if is_widget(input_spec):
+                    widgets.append(value)
+                    options = input_spec[1] if len(input_spec) > 1 and isinstance(input_spec[1], dict) else {}
+                    if options.get("control_after_generate"):
+                        widgets.append("fixed")
+                elif isinstance(value, list):
+                    link_id = len(links) + 1
+                    source, slot = value
+                    links.append([link_id, int(source), slot, int(node_id), len(inputs), input_spec[0]])
+                    outputs.setdefault((source, slot), []).append(link_id)
+                    inputs.append({"name": name, "type": input_spec[0], "link": link_id})
+                elif section == "required":
+                    raise ValueError(f"node {node_id} ({spec['class_type']}) has no value for {name}")
+                else:
+                    inputs.append({"name": name, "type": input_spec[0], "link": None})
+        col = column(node_id)
+        row = rows_in_column.get(col, 0)
+        rows_in_column[col] = row + 1
+        node = {
+            "id": int(node_id), "type": spec["class_type"], "pos": [40 + 360 * col, 40 + 260 * row], "size": [320, 220],
+            "flags": {}, "order": len(nodes), "mode": 0, "inputs": inputs, "outputs": [],
+            "properties": {"Node name for S&R": spec["class_type"]}, "widgets_values": widgets,
+        }  # fmt: skip
+        if "_meta" in spec:
+            node["title"] = spec["_meta"]["title"]
+        nodes.append(node)
+    for node in nodes:
+        info = object_info[node["type"]]
+        for slot, (kind, name) in enumerate(zip(info["output"], info["output_name"], strict=True)):
+            node["outputs"].append(
+                {"name": name, "type": kind, "links": outputs.get((str(node["id"]), slot), []), "slot_index": slot}
+            )
+    return {
+        "last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
+        "groups": [], "config": {}, "extra": {}, "version": 0.4,
+    }  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", default="http://127.0.0.1:8188", help="a ComfyUI with this pack, for /object_info")
+    options = parser.parse_args()
+    object_info = http_json(f"{options.server.rstrip('/')}/object_info")
+    (WORKFLOWS_DIR / "api").mkdir(parents=True, exist_ok=True)
+    for name, prompt in WORKFLOWS.items():
+        (WORKFLOWS_DIR / "api" / f"{name}.json").write_text(json.dumps(prompt, indent=2) + "\n")
+        (WORKFLOWS_DIR / f"{name}.json").write_text(json.dumps(api_to_ui(prompt, object_info), indent=2) + "\n")
+        print(f"wrote workflows/{name}.json and workflows/api/{name}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
