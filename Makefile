@@ -4,9 +4,12 @@ PYTHON ?= python3
 HOST := $(PYTHON) tools/host.py
 PORT ?= 8188
 
-.PHONY: demo test host lint format
+.PHONY: demo serve test host lint format workflows
 
-demo:  ## write the demo checkpoint and LoRAs, start ComfyUI with the pack, print its URL (Ctrl-C stops it)
+demo:  ## every method through ComfyUI's HTTP API on the demo models; images and a comparison sheet in out/demo
+	$(HOST) run -- tools/demo.py $(DEMO_ARGS)
+
+serve:  ## write the demo models, start ComfyUI with the pack for the graph editor (Ctrl-C stops it)
 	$(HOST) run -- tools/demo_assets.py
 	$(HOST) serve --port $(PORT)
 
@@ -21,3 +24,6 @@ lint:
 
 format:
 	$(HOST) run -- -m ruff format .
+
+workflows:  ## regenerate workflows/ from tools/make_workflows.py (needs `make serve` running)
+	$(PYTHON) tools/make_workflows.py --server http://127.0.0.1:$(PORT)

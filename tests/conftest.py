@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ if not (COMFYUI_DIR / "comfy").is_dir():
 sys.path.insert(0, str(COMFYUI_DIR))
 sys.path.append(str(PACK_DIR))
 sys.path.append(str(TESTS_DIR))
+sys.path.append(str(PACK_DIR / "tools"))
 
 from comfy.cli_args import args  # noqa: E402
 
@@ -91,3 +93,69 @@ def loras_folder(tmp_path, monkeypatch) -> Path:
     folder_paths.filename_list_cache.pop("loras", None)
     yield folder
     folder_paths.filename_list_cache.pop("loras", None)
+
+
+# --- a real server with the demo models, shared by the server tests ------------------------------
+
+
+@pytest.fixture(scope="session")
+def demo_models() -> tuple[Path, str, list[str]]:
+    """The demo checkpoint and LoRAs, built once per machine in the host cache."""
+    import demo_assets
+
+    cache = Path(os.environ.get("LORATORIO_CACHE", Path.home() / ".cache" / "comfyui-loratorio"))
+    models_dir = cache / f"demo-assets-v{demo_assets.ASSET_VERSION}"
+    checkpoint, loras = demo_assets.ensure_demo_assets(models_dir)
+    return models_dir, checkpoint.name, [p.name for p in loras]
+
+
+UNPICKLED_MARKER = "/tmp/loratorio-server-unpickled-marker"
+
+
+class _Unpickled:
+    """Unpickling this object creates ``UNPICKLED_MARKER``: the proof that a loader unpickled."""
+
+    def __reduce__(self):
+        return (open, (UNPICKLED_MARKER, "w"))
+
+
+@pytest.fixture(scope="session")
+def unpickled_marker() -> Path:
+    """The file that appears if any loader ever unpickles the pickled LoRA of ``bad_loras``."""
+    marker = Path(UNPICKLED_MARKER)
+    marker.unlink(missing_ok=True)
+    return marker
+
+
+@pytest.fixture(scope="session")
+def pickled_lora(unpickled_marker) -> bytes:
+    """A pickled "LoRA" whose loading by unpickling would create ``unpickled_marker``."""
+    return pickle.dumps({"lora_unet_x.lora_up.weight": _Unpickled()})
+
+
+@pytest.fixture(scope="session")
+def bad_loras(tmp_path_factory, pickled_lora) -> Path:
+    """LoRA files a user might drop into the loras folder: pickled, corrupt, for another architecture."""
+    from support.lora_files import write_lora
+    from support.tiny_models import build_model
+
+    folder = tmp_path_factory.mktemp("bad_loras")
+    (folder / "pickled.ckpt").write_bytes(pickled_lora)
+    (folder / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json" + b"\x00" * 64)
+    write_lora(folder / "flux-lora.safetensors", "flux", build_model("flux").model, "kohya")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def server(demo_models, bad_loras, comfyui_dir, tmp_path_factory):
+    models_dir, _, _ = demo_models
+    work = tmp_path_factory.mktemp("server")
+    config = work / "extra_model_paths.yaml"
+    config.write_text(
+        f"loratorio_demo:\n  base_path: {models_dir}\n  checkpoints: checkpoints\n  loras: loras\n"
+        f"loratorio_bad:\n  base_path: {bad_loras}\n  loras: .\n"
+    )
+    from support.server import comfyui_server
+
+    with comfyui_server(comfyui_dir, work, extra_args=("--extra-model-paths-config", str(config))) as running:
+        yield running

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pickle
-from pathlib import Path
 
 import comfy.model_management
 import pytest
@@ -36,22 +34,11 @@ def test_missing_lora_file(engine, sd15, loras_folder):
         adapter_set(engine, sd15, [("nope.safetensors", 1.0)])
 
 
-class _Marker:
-    """Unpickling this object creates a file: the proof that a loader unpickled."""
-
-    PATH = "/tmp/loratorio-unpickled-marker"
-
-    def __reduce__(self):
-        return (open, (self.PATH, "w"))
-
-
-def test_pickled_file_is_refused_and_never_unpickled(engine, sd15, loras_folder, tmp_path):
-    marker = Path(_Marker.PATH)
-    marker.unlink(missing_ok=True)
-    (loras_folder / "evil.ckpt").write_bytes(pickle.dumps({"state_dict": _Marker()}))
+def test_pickled_file_is_refused_and_never_unpickled(engine, sd15, loras_folder, pickled_lora, unpickled_marker):
+    (loras_folder / "evil.ckpt").write_bytes(pickled_lora)
     with pytest.raises(engine.adapters.LoRAFileError, match=r"not a \.safetensors file.*convert the file"):
         adapter_set(engine, sd15, [("evil.ckpt", 1.0)])
-    assert not marker.exists()
+    assert not unpickled_marker.exists()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
