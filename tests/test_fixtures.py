@@ -66,3 +66,15 @@ def test_peft_file_is_written_by_peft(tiny_model_factory, tmp_path):
     path = write_lora(tmp_path / "p.safetensors", "sd15", tiny_model_factory("sd15").model, "peft")
     keys = comfy.utils.load_torch_file(str(path), safe_load=True).keys()
     assert all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+
+
+def test_demo_checkpoint_loads_as_sd15_with_full_text_encoder_and_vae(demo_models):
+    import comfy.supported_models
+
+    models_dir, checkpoint, _ = demo_models
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(models_dir / "checkpoints" / checkpoint))
+    assert type(model.model.model_config) is comfy.supported_models.SD15
+    text_params = sum(p.numel() for p in clip.cond_stage_model.parameters())
+    assert 120e6 < text_params < 125e6, "SD1.5's CLIP-L text encoder has about 123 M parameters"
+    assert sum(p.numel() for p in vae.first_stage_model.parameters()) > 80e6
+    assert model.model.model_config.unet_config["channel_mult"] == [1, 2]  # the reduced UNet
