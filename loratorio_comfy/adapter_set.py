@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import folder_paths
 import torch
 
-from .adapters import LORA_FILES, LoRAFileError, ParsedLoRA, check_strength, parse_lora
+from .adapters import LORA_FILES, LoRAInputError, ParsedLoRA, check_strength, parse_lora
 from .row_lora import StackedLayer, stack_layer
 
 LOG = logging.getLogger("comfyui-loratorio")
@@ -33,7 +33,7 @@ def lora_path(name: str) -> str:
     path = folder_paths.get_full_path("loras", name)
     if path is None:
         folders = ", ".join(folder_paths.get_folder_paths("loras"))
-        raise LoRAFileError(
+        raise LoRAInputError(
             f"LoRA file '{name}' is not in ComfyUI's loras folders ({folders}). "
             "Put the file there (or fix the name) and press Refresh in the graph editor."
         )
@@ -45,7 +45,7 @@ class AdapterSet:
 
     def __init__(self, model, entries: Sequence[tuple[str, float]]) -> None:
         if not entries:
-            raise LoRAFileError(
+            raise LoRAInputError(
                 "no LoRA to compose: the LoRA stack is empty. Add at least one enabled LoRA to the Multi-LoRA Loader "
                 "(for plain sampling without adapters use KSampler)."
             )
@@ -53,7 +53,7 @@ class AdapterSet:
         adapters = []
         for name, strength in entries:
             if name in seen:
-                raise LoRAFileError(f"LoRA '{name}' is in the stack twice; compose each LoRA once (raise its strength instead).")
+                raise LoRAInputError(f"LoRA '{name}' is in the stack twice; compose each LoRA once (raise its strength instead).")
             seen.add(name)
             strength = check_strength(name, strength)
             state = LORA_FILES.load(lora_path(name), name)

@@ -29,8 +29,8 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 DIFFUSION_PREFIX = "diffusion_model."
 
 
-class LoRAFileError(ValueError):
-    """A LoRA file cannot be used; the message names the file, the problem and the fix."""
+class LoRAInputError(ValueError):
+    """A LoRA file or stack cannot be used; the message names the problem and the fix."""
 
 
 @dataclass(frozen=True)
@@ -107,14 +107,14 @@ def model_family_name(model) -> str:
 def read_safetensors(path: str, display_name: str) -> dict[str, torch.Tensor]:
     """Load a ``.safetensors`` file; anything else is refused (never unpickled)."""
     if not path.lower().endswith(SAFETENSORS_SUFFIXES):
-        raise LoRAFileError(
+        raise LoRAInputError(
             f"LoRA '{display_name}' is not a .safetensors file. Pickled formats (.ckpt, .pt, .bin) can run code when "
             "loaded and are refused; convert the file to .safetensors."
         )
     try:
         return comfy.utils.load_torch_file(path, safe_load=True)
     except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise LoRAFileError(
+        raise LoRAInputError(
             f"LoRA '{display_name}' could not be read as safetensors ({error}); the file is truncated or corrupt. "
             "Download or copy it again."
         ) from None
@@ -158,7 +158,7 @@ def parse_lora(state: dict[str, torch.Tensor], model, display_name: str) -> Pars
             parsed.factors.setdefault(module, []).append(factor)
     if not patches:
         sample = ", ".join(sorted(state)[:3])
-        raise LoRAFileError(
+        raise LoRAInputError(
             f"LoRA '{display_name}' matches none of the layers of this model ({model_family_name(model)}); the file looks "
             f"made for {guess_file_family(sorted(state))} (keys like {sample}). Use a LoRA trained for this model's family."
         )
@@ -184,7 +184,7 @@ class LoRAFileCache:
         try:
             stat = os.stat(path)
         except OSError as error:
-            raise LoRAFileError(f"LoRA '{display_name}' cannot be opened: {error}") from None
+            raise LoRAInputError(f"LoRA '{display_name}' cannot be opened: {error}") from None
         stamp = (stat.st_mtime, stat.st_size)
         cached = self._entries.get(path)
         if cached is not None and cached[0] == stamp:
@@ -206,5 +206,5 @@ LORA_FILES = LoRAFileCache()
 
 def check_strength(name: str, strength: float) -> float:
     if not math.isfinite(strength):
-        raise LoRAFileError(f"LoRA '{name}' has strength {strength}; use a finite number (e.g. 1.0)")
+        raise LoRAInputError(f"LoRA '{name}' has strength {strength}; use a finite number (e.g. 1.0)")
     return float(strength)

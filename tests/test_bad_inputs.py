@@ -30,13 +30,13 @@ def adapter_set(engine, sd15, entries):
 
 
 def test_missing_lora_file(engine, sd15, loras_folder):
-    with pytest.raises(engine.adapters.LoRAFileError, match=r"'nope.safetensors' is not in ComfyUI's loras folders .*Refresh"):
+    with pytest.raises(engine.adapters.LoRAInputError, match=r"'nope.safetensors' is not in ComfyUI's loras folders .*Refresh"):
         adapter_set(engine, sd15, [("nope.safetensors", 1.0)])
 
 
 def test_pickled_file_is_refused_and_never_unpickled(engine, sd15, loras_folder, pickled_lora, unpickled_marker):
     (loras_folder / "evil.ckpt").write_bytes(pickled_lora)
-    with pytest.raises(engine.adapters.LoRAFileError, match=r"not a \.safetensors file.*convert the file"):
+    with pytest.raises(engine.adapters.LoRAInputError, match=r"not a \.safetensors file.*convert the file"):
         adapter_set(engine, sd15, [("evil.ckpt", 1.0)])
     assert not unpickled_marker.exists()
 
@@ -46,13 +46,13 @@ def test_corrupt_safetensors(engine, sd15, loras_folder, good_lora, damage):
     data = (loras_folder / good_lora).read_bytes()
     broken = data[: len(data) // 2] if damage == "truncated" else b"\x00\x01not a safetensors header" * 10
     (loras_folder / "broken.safetensors").write_bytes(broken)
-    with pytest.raises(engine.adapters.LoRAFileError, match=r"'broken.safetensors' could not be read.*truncated or corrupt"):
+    with pytest.raises(engine.adapters.LoRAInputError, match=r"'broken.safetensors' could not be read.*truncated or corrupt"):
         adapter_set(engine, sd15, [("broken.safetensors", 1.0)])
 
 
 def test_lora_for_another_architecture(engine, sd15, tiny_model_factory, loras_folder):
     write_lora(loras_folder / "flux.safetensors", "flux", tiny_model_factory("flux").model, "kohya")
-    with pytest.raises(engine.adapters.LoRAFileError, match=r"matches none of the layers of this model \(SD15\).*made for Flux"):
+    with pytest.raises(engine.adapters.LoRAInputError, match=r"matches none of the layers of this model \(SD15\).*made for Flux"):
         adapter_set(engine, sd15, [("flux.safetensors", 1.0)])
 
 
@@ -68,18 +68,18 @@ def test_partly_matching_lora_warns_with_counts(engine, sd15, loras_folder, good
 
 
 def test_no_adapters_is_a_clear_error(engine, sd15):
-    with pytest.raises(engine.adapters.LoRAFileError, match=r"the LoRA stack is empty.*KSampler"):
+    with pytest.raises(engine.adapters.LoRAInputError, match=r"the LoRA stack is empty.*KSampler"):
         adapter_set(engine, sd15, [])
 
 
 def test_same_lora_twice(engine, sd15, good_lora):
-    with pytest.raises(engine.adapters.LoRAFileError, match=r"'good.safetensors' is in the stack twice"):
+    with pytest.raises(engine.adapters.LoRAInputError, match=r"'good.safetensors' is in the stack twice"):
         adapter_set(engine, sd15, [(good_lora, 1.0), (good_lora, 0.5)])
 
 
 @pytest.mark.parametrize("strength", [math.nan, math.inf, -math.inf])
 def test_non_finite_strength(engine, sd15, good_lora, strength):
-    with pytest.raises(engine.adapters.LoRAFileError, match=r"has strength .*finite number"):
+    with pytest.raises(engine.adapters.LoRAInputError, match=r"has strength .*finite number"):
         adapter_set(engine, sd15, [(good_lora, strength)])
 
 
