@@ -330,3 +330,13 @@ def comfy_nodes_noise(seed: int):
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
 
     return Noise_RandomNoise(seed)
+
+
+def test_no_weight_is_written_during_composition(engine, tiny_model_factory, sd15_stack):
+    """Every base parameter keeps its tensor object and its in-place version counter: zero writes."""
+    patcher = tiny_model_factory("sd15")
+    before = {name: (id(p), p._version, p.data_ptr()) for name, p in patcher.model.named_parameters()}
+    for method in ("loratorio", "composite", "switch"):
+        run_sampler(engine, make_guider(engine, method, patcher, sd15_stack[:3]))
+    after = {name: (id(p), p._version, p.data_ptr()) for name, p in patcher.model.named_parameters()}
+    assert after == before
