@@ -28,7 +28,23 @@ from .adapters import LowRankFactor
 
 ROW_MAP_KEY = "loratorio_row_map"
 BASE_ROW = -1
-_CURRENT_ROWS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("loratorio_rows", default=None)
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Which rows of the forward in flight carry an adapter, and which one.
+
+    ``adapter_rows[j]`` is the stacked-layer index of row ``active[j]``; base-model rows are left
+    out, so their share of the low-rank work is skipped. ``active`` is None when every row carries
+    an adapter (no gather needed).
+    """
+
+    batch: int
+    adapter_rows: torch.Tensor
+    active: torch.Tensor | None
+
+
+_CURRENT_ROWS: contextvars.ContextVar[RowPlan | None] = contextvars.ContextVar("loratorio_rows", default=None)
 
 
 @dataclass(frozen=True)
@@ -85,17 +101,19 @@ class RowLoRAHook:
         return self._cast[key]
 
     def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        rows = _CURRENT_ROWS.get()
-        if rows is None:
+        plan = _CURRENT_ROWS.get()
+        if plan is None:
             return None
         x = args[0]
-        if x.shape[0] != rows.shape[0]:
+        if x.shape[0] != plan.batch:
             raise RuntimeError(
-                f"comfyui-loratorio: a layer saw a batch of {x.shape[0]} rows where the step has {rows.shape[0]}; "
+                f"comfyui-loratorio: a layer saw a batch of {x.shape[0]} rows where the step has {plan.batch}; "
                 "this model family batches its layers in a way the per-row LoRA path does not support"
             )
+        if plan.active is not None:
+            x = x.index_select(0, plan.active)
         layer = self._on(x.device, x.dtype)
-        down, up = layer.down[rows], layer.up[rows]
+        down, up = layer.down[plan.adapter_rows], layer.up[plan.adapter_rows]
         if self.conv:
             batch, channels = x.shape[:2]
             hidden = conv2d(
@@ -111,7 +129,8 @@ class RowLoRAHook:
         else:
             flat = x.reshape(x.shape[0], -1, x.shape[-1])
             delta = torch.bmm(torch.bmm(flat, down.transpose(1, 2)), up.transpose(1, 2))
-        return output + delta.reshape(output.shape).to(output.dtype)
+        delta = delta.reshape(x.shape[0], *output.shape[1:]).to(output.dtype)
+        return output + delta if plan.active is None else output.index_add(0, plan.active, delta)
 
 
 @contextlib.contextmanager
@@ -143,9 +162,15 @@ def apply_model_with_rows(executor, x, t, c_concat=None, c_crossattn=None, contr
     row_map = options.get(ROW_MAP_KEY)
     if row_map is None:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    # moved once per forward, not once per layer
-    rows = rows_for_forward(row_map["rows"], options["cond_or_uncond"], x.shape[0], row_map["base_index"]).to(x.device)
-    token = _CURRENT_ROWS.set(rows)
+    base_index = row_map["base_index"]
+    rows = rows_for_forward(row_map["rows"], options["cond_or_uncond"], x.shape[0], base_index)
+    active = (rows != base_index).nonzero().flatten()
+    plan = None
+    if active.numel():
+        # built and moved to the device once per forward, not once per layer
+        all_active = active.numel() == rows.numel()
+        plan = RowPlan(x.shape[0], rows[active].to(x.device), None if all_active else active.to(x.device))
+    token = _CURRENT_ROWS.set(plan)
     try:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     finally:
