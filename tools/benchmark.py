@@ -37,14 +37,27 @@ from pathlib import Path
 PACK_DIR = Path(__file__).resolve().parent.parent
 RANK = 32
 STEPS_SHORT, STEPS_LONG = 2, 5
+SD15_FULL = {
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+}
+SDXL_FULL = {
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "transformer_depth_middle": 10,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+}
 MODELS = {
-    # name: (unet config changes on the tests' tiny SD1.5, latent side)
-    "small": ({"model_channels": 64}, 32),
-    "sd15": (
-        {"model_channels": 320, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
-         "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]},
-        16,
-    ),
+    # name: (family, changes to the tests' tiny config of that family, latent side)
+    "small": ("sd15", {"model_channels": 64}, 32),  # reduced width, CPU
+    "sd15": ("sd15", SD15_FULL, 16),  # the full-size SD1.5 UNet at a small latent, CPU
+    "sd15-512": ("sd15", SD15_FULL, 64),  # GPU: SD1.5 at 512x512
+    "sdxl-1024": ("sdxl", SDXL_FULL, 128),  # GPU: SDXL at 1024x1024
 }  # fmt: skip
 
 
@@ -187,7 +200,7 @@ class Bench:
         import torch
 
         from support.lora_files import write_kohya
-        from support.tiny_models import SD15_CONFIG, conditioning, fill_seeded
+        from support.tiny_models import SD15_CONFIG, fill_seeded
 
         changes, self.side = MODELS[model_name]
         self.name, self.options = model_name, options
@@ -208,11 +221,10 @@ class Bench:
         for index in range(count):
             path = loras / f"{model_name}-r{RANK}-{index}.safetensors"
             if not path.exists():
-                write_kohya(path, "sd15", model, rank=RANK, alpha=RANK, seed=100 + index)
+                write_kohya(path, family, model, rank=RANK, alpha=RANK, seed=100 + index)
             self.lora_names.append(path.name)
-        text = conditioning("sd15")["c_crossattn"]
-        self.positive = [[text, {}]]
-        self.negative = [[torch.zeros_like(text), {}]]
+        self.positive = comfy_conditioning(family)
+        self.negative = comfy_conditioning(family, seed=9)
 
     def states(self, n: int) -> list[dict]:
         from comfyui_loratorio.loratorio_comfy.adapter_set import lora_path
