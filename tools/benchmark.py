@@ -195,18 +195,19 @@ class Bench:
     def __init__(self, model_name: str, options: argparse.Namespace, work: Path) -> None:
         import comfy.model_management
         import comfy.model_patcher
-        import comfy.supported_models
         import folder_paths
         import torch
 
+        from support.engine_helpers import comfy_conditioning
         from support.lora_files import write_kohya
-        from support.tiny_models import SD15_CONFIG, fill_seeded
+        from support.tiny_models import FAMILY_SPECS, fill_seeded
 
-        changes, self.side = MODELS[model_name]
+        family, changes, self.side = MODELS[model_name]
         self.name, self.options = model_name, options
         self.device = comfy.model_management.get_torch_device()
         self.dtype = torch.float32 if self.device.type == "cpu" else getattr(torch, options.dtype)
-        config = comfy.supported_models.SD15({**SD15_CONFIG, **changes})
+        spec = FAMILY_SPECS[family]
+        config = spec.model_class({**spec.unet_config, **changes})
         config.set_inference_dtype(self.dtype, None)
         model = config.get_model({})
         fill_seeded(model.diffusion_model, 0)
