@@ -326,7 +326,8 @@ def rows_for(method: str, n: int) -> int:
     }[method]  # fmt: skip
 
 
-def run(options: argparse.Namespace) -> list[Result]:
+def run(options: argparse.Namespace, save) -> list[Result]:
+    """Every figure of the plan; ``save(results)`` runs after each, so a long run leaves its JSON."""
     import torch
 
     results: list[Result] = []
@@ -339,6 +340,7 @@ def run(options: argparse.Namespace) -> list[Result]:
             if rows not in floors:
                 floors[rows] = bench.measure(f"floor-{rows}", 0, rows)
                 results.append(floors[rows])
+                save(results)
                 print(f"  {bench.name} floor {rows} rows: {floors[rows].step_seconds * 1000:.1f} ms/step", flush=True)
             return floors[rows]
 
@@ -349,6 +351,7 @@ def run(options: argparse.Namespace) -> list[Result]:
             result = bench.measure(method, n, rows)
             result.ratio_to_floor = result.step_seconds / floor(rows).step_seconds
             results.append(result)
+            save(results)
             print(
                 f"  {model_name} {method} N={n}: {result.step_seconds * 1000:.1f} ms/step, x{result.ratio_to_floor:.2f} floor",
                 flush=True,
@@ -434,7 +437,6 @@ def main() -> int:
 
     device = comfy.model_management.get_torch_device()
     options.out.mkdir(parents=True, exist_ok=True)
-    results = run(options)
     cpu = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
     meta = {
         "date": datetime.date.today().isoformat(),
@@ -443,7 +445,12 @@ def main() -> int:
         "repeats": options.repeats,
         "torch": torch.__version__,
     }
-    (options.out / "results.json").write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
+
+    def save(results: list[Result]) -> None:
+        report = {"meta": meta, "results": [asdict(r) for r in results]}
+        (options.out / "results.json").write_text(json.dumps(report, indent=2))
+
+    results = run(options, save)
     table = markdown(results, meta)
     (options.out / "results.md").write_text(table)
     plot(results, options.out / "results.png")
