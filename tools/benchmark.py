@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 PACK_DIR = Path(__file__).resolve().parent.parent
-RANK = 32
+DEFAULT_RANK = 32
 STEPS_SHORT, STEPS_LONG = 2, 5
 SD15_FULL = {
     "model_channels": 320,
@@ -220,9 +220,9 @@ class Bench:
         count = max(max(options.adapters), max(options.pools, default=0))
         self.lora_names = []
         for index in range(count):
-            path = loras / f"{model_name}-r{RANK}-{index}.safetensors"
+            path = loras / f"{model_name}-r{options.rank}-{index}.safetensors"
             if not path.exists():
-                write_kohya(path, family, model, rank=RANK, alpha=RANK, seed=100 + index)
+                write_kohya(path, family, model, rank=options.rank, alpha=options.rank, seed=100 + index)
             self.lora_names.append(path.name)
         self.positive = comfy_conditioning(family)
         self.negative = comfy_conditioning(family, seed=9)
@@ -365,7 +365,7 @@ def run(options: argparse.Namespace, save) -> list[Result]:
 def markdown(results: list[Result], meta: dict) -> str:
     by_key = {(r.model, r.method, r.adapters): r for r in results}
     lines = [
-        f"Measured {meta['date']} on {meta['device']} ({meta['dtype']}), LoRA rank {RANK} on attention and feed-forward "
+        f"Measured {meta['date']} on {meta['device']} ({meta['dtype']}), LoRA rank {meta['rank']} on attention and feed-forward "
         f"layers, euler, median of {meta['repeats']} runs; per-step time from {STEPS_SHORT}- and {STEPS_LONG}-step runs.",
         "",
         "| model | method | N | rows/step | forwards/step | rows/forward | ms/step | x floor | vs hooks | vs naive | peak MB |",
@@ -419,6 +419,7 @@ def main() -> int:
         "--methods", default="loratorio,loratorio-lambda1,composite,switch,hooks,naive-remerge,merge", type=lambda s: s.split(",")
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help="LoRA rank of every adapter")
     parser.add_argument("--dtype", default="float16", help="GPU compute dtype (float16 or bfloat16); CPU runs float32")
     parser.add_argument("--out", type=Path, default=PACK_DIR / "out" / "benchmark")
     options = parser.parse_args()
@@ -443,6 +444,7 @@ def main() -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "dtype": options.dtype if device.type == "cuda" else "float32",
         "repeats": options.repeats,
+        "rank": options.rank,
         "torch": torch.__version__,
     }
 
