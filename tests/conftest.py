@@ -6,7 +6,6 @@ Run the tests through ``make test`` (or ``python3 tools/host.py run -- -m pytest
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
 import sys
@@ -17,7 +16,6 @@ import pytest
 PACK_DIR = Path(__file__).resolve().parent.parent
 TESTS_DIR = Path(__file__).resolve().parent
 COMFYUI_DIR = Path(os.environ.get("LORATORIO_COMFYUI_DIR", ""))
-PACK_PACKAGE = "comfyui_loratorio"
 
 if not (COMFYUI_DIR / "comfy").is_dir():
     raise pytest.UsageError(
@@ -32,21 +30,9 @@ sys.path.append(str(TESTS_DIR))
 sys.path.append(str(PACK_DIR / "tools"))
 
 from comfy.cli_args import args  # noqa: E402
+from host_env import load_pack  # noqa: E402
 
 args.cpu = True  # before comfy.model_management is first imported
-
-
-def load_pack():
-    """Import this pack as a package, the way ComfyUI imports a custom node folder."""
-    if PACK_PACKAGE in sys.modules:
-        return sys.modules[PACK_PACKAGE]
-    spec = importlib.util.spec_from_file_location(
-        PACK_PACKAGE, PACK_DIR / "__init__.py", submodule_search_locations=[str(PACK_DIR)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_PACKAGE] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")

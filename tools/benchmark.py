@@ -35,6 +35,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 PACK_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PACK_DIR / "tools"))
+from host_env import comfyui_on_path, load_pack  # noqa: E402
+
 DEFAULT_RANK = 32
 STEPS_SHORT, STEPS_LONG = 2, 5
 SD15_FULL = {
@@ -59,18 +62,6 @@ MODELS = {
     "sd15-512": ("sd15", SD15_FULL, 64),  # GPU: SD1.5 at 512x512
     "sdxl-1024": ("sdxl", SDXL_FULL, 128),  # GPU: SDXL at 1024x1024
 }  # fmt: skip
-
-
-def host_on_path() -> None:
-    comfyui = Path(os.environ.get("LORATORIO_COMFYUI_DIR", ""))
-    if not (comfyui / "comfy").is_dir():
-        sys.exit("run the benchmark through the host: python3 tools/host.py run -- tools/benchmark.py")
-    sys.path.insert(0, str(comfyui))
-    sys.path.append(str(PACK_DIR / "tests"))
-    sys.path.append(str(PACK_DIR))
-    from comfy.cli_args import args
-
-    args.cpu = os.environ.get("LORATORIO_BENCH_DEVICE", "cpu") == "cpu"
 
 
 @dataclass
@@ -423,17 +414,11 @@ def main() -> int:
     parser.add_argument("--dtype", default="float16", help="GPU compute dtype (float16 or bfloat16); CPU runs float32")
     parser.add_argument("--out", type=Path, default=PACK_DIR / "out" / "benchmark")
     options = parser.parse_args()
-    host_on_path()
-    import importlib.util
-
     import torch
 
-    spec = importlib.util.spec_from_file_location(
-        "comfyui_loratorio", PACK_DIR / "__init__.py", submodule_search_locations=[str(PACK_DIR)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_loratorio"] = module
-    spec.loader.exec_module(module)
+    # the GPU when there is one (the host's torch is a CUDA build that also runs on a CPU)
+    comfyui_on_path("benchmark.py", cpu=not torch.cuda.is_available())
+    load_pack()
     import comfy.model_management
 
     device = comfy.model_management.get_torch_device()

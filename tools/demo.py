@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,13 +37,11 @@ LABEL_HEIGHT = 22
 @contextlib.contextmanager
 def local_server(out_dir: Path, models_dir: Path | None) -> Iterator[str]:
     """The pinned host's ComfyUI with the demo models, on a free port, stopped on exit."""
-    comfyui = Path(os.environ.get("LORATORIO_COMFYUI_DIR", ""))
-    if not (comfyui / "comfy").is_dir():
-        sys.exit("run the demo through the host: make demo (or python3 tools/host.py run -- tools/demo.py)")
     from comfy_server import comfyui_server
-    from demo_assets import comfyui_on_path, ensure_demo_assets
+    from demo_assets import ensure_demo_assets
+    from host_env import comfyui_on_path
 
-    comfyui_on_path()
+    comfyui = comfyui_on_path("demo.py")
     models_dir = models_dir or comfyui / "models"
     ensure_demo_assets(models_dir)
     work = out_dir / "comfyui"

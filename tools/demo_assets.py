@@ -16,7 +16,6 @@ Files are written under ``DIR/checkpoints`` and ``DIR/loras`` (default: the host
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -33,20 +32,6 @@ SD_VAE_CONFIG = {
     "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
     "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
 }  # fmt: skip
-
-PACK_DIR = Path(__file__).resolve().parent.parent
-
-
-def comfyui_on_path() -> Path:
-    comfyui = Path(os.environ.get("LORATORIO_COMFYUI_DIR", ""))
-    if not (comfyui / "comfy").is_dir():
-        sys.exit("run this through the host: python3 tools/host.py run -- tools/demo_assets.py")
-    sys.path.insert(0, str(comfyui))
-    sys.path.append(str(PACK_DIR / "tests"))  # the seeded-weight and LoRA writers the tests use
-    from comfy.cli_args import args
-
-    args.cpu = True
-    return comfyui
 
 
 def build_checkpoint(path: Path) -> None:
@@ -131,7 +116,9 @@ def ensure_demo_assets(models_dir: Path) -> tuple[Path, list[Path]]:
 
 
 def main() -> int:
-    comfyui = comfyui_on_path()
+    from host_env import comfyui_on_path
+
+    comfyui = comfyui_on_path("demo_assets.py")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", type=Path, default=comfyui / "models")
     options = parser.parse_args()
