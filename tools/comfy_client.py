@@ -32,6 +32,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,6 +155,18 @@ def is_widget(spec: list) -> bool:
     return isinstance(kind, list) or kind in WIDGET_TYPES
 
 
+def has_control_widget(spec: list) -> bool:
+    """Whether the editor stores a "fixed"/"randomize" value after this widget's (a seed's) value."""
+    return len(spec) > 1 and isinstance(spec[1], dict) and bool(spec[1].get("control_after_generate"))
+
+
+def ordered_inputs(info: dict) -> Iterator[tuple[str, str, list]]:
+    """``(section, name, spec)`` of a node type's inputs in the order the editor lays out widgets."""
+    for section in ("required", "optional"):
+        for name in info.get("input_order", {}).get(section, []):
+            yield section, name, info["input"][section][name]
+
+
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """Convert a graph-editor workflow (nodes, links, widgets_values) to the API format."""
     links = {link[0]: link for link in workflow.get("links", [])}
@@ -166,16 +179,12 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             raise ClientError(f"node type {node['type']!r} (node {node['id']}) is not installed on the server")
         inputs: dict[str, object] = {}
         values = list(node.get("widgets_values") or [])
-        for section in ("required", "optional"):
-            for name in info.get("input_order", {}).get(section, []):
-                spec = info["input"][section][name]
-                if not is_widget(spec):
-                    continue
-                if not values:
-                    break
-                inputs[name] = values.pop(0)
-                if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("control_after_generate") and values:
-                    values.pop(0)  # the "fixed"/"randomize" control value that follows a seed
+        for _, name, spec in ordered_inputs(info):
+            if not is_widget(spec) or not values:
+                continue
+            inputs[name] = values.pop(0)
+            if has_control_widget(spec) and values:
+                values.pop(0)
         for slot in node.get("inputs", []):
             link = links.get(slot.get("link"))
             if link is not None:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfy_client import NEGATIVE_TITLE, POSITIVE_TITLE, http_json, is_widget
+from comfy_client import NEGATIVE_TITLE, POSITIVE_TITLE, has_control_widget, http_json, is_widget, ordered_inputs
 
 WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows"
 CHECKPOINT = "loratorio-demo-sd15.safetensors"
@@ -105,25 +105,22 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
     for node_id in sorted(prompt, key=lambda n: (column(n), int(n))):
         spec, info = prompt[node_id], object_info[prompt[node_id]["class_type"]]
         inputs, widgets = [], []
-        for section in ("required", "optional"):
-            for name in info["input_order"].get(section, []):
-                input_spec = info["input"][section][name]
-                value = spec["inputs"].get(name)
-                if is_widget(input_spec):
-                    widgets.append(value)
-                    options = input_spec[1] if len(input_spec) > 1 and isinstance(input_spec[1], dict) else {}
-                    if options.get("control_after_generate"):
-                        widgets.append("fixed")
-                elif isinstance(value, list):
-                    link_id = len(links) + 1
-                    source, slot = value
-                    links.append([link_id, int(source), slot, int(node_id), len(inputs), input_spec[0]])
-                    outputs.setdefault((source, slot), []).append(link_id)
-                    inputs.append({"name": name, "type": input_spec[0], "link": link_id})
-                elif section == "required":
-                    raise ValueError(f"node {node_id} ({spec['class_type']}) has no value for {name}")
-                else:
-                    inputs.append({"name": name, "type": input_spec[0], "link": None})
+        for section, name, input_spec in ordered_inputs(info):
+            value = spec["inputs"].get(name)
+            if is_widget(input_spec):
+                widgets.append(value)
+                if has_control_widget(input_spec):
+                    widgets.append("fixed")
+            elif isinstance(value, list):
+                link_id = len(links) + 1
+                source, slot = value
+                links.append([link_id, int(source), slot, int(node_id), len(inputs), input_spec[0]])
+                outputs.setdefault((source, slot), []).append(link_id)
+                inputs.append({"name": name, "type": input_spec[0], "link": link_id})
+            elif section == "required":
+                raise ValueError(f"node {node_id} ({spec['class_type']}) has no value for {name}")
+            else:
+                inputs.append({"name": name, "type": input_spec[0], "link": None})
         col = column(node_id)
         row = rows_in_column.get(col, 0)
         rows_in_column[col] = row + 1
