@@ -31,4 +31,16 @@ def collect_node_modules(package: str, module_names: tuple[str, ...]) -> tuple[d
     return classes, display_names, failures
 
 
+def register_routes() -> bool:
+    """Add the HTTP routes of ``routes.py``; a failure is logged and only the graph editor's extras are missing."""
+    try:
+        from . import routes
+
+        return routes.register()
+    except Exception:
+        LOG.exception("comfyui-loratorio: HTTP routes failed to load; trigger words will not show in the graph editor")
+        return False
+
+
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, FAILED_MODULES = collect_node_modules(__name__, NODE_MODULES)
+ROUTES_REGISTERED = register_routes()

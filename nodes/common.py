@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import comfy.samplers
+import nodes as comfy_nodes
 
 from .. import loratorio_core as lc
 
@@ -40,6 +41,11 @@ def as_lora_stack(value: object) -> list[LoraStackEntry]:
         except (TypeError, ValueError):
             raise ValueError(f"LORA_STACK row {position} has non-numeric strengths: {row!r}") from None
     return entries
+
+
+def with_preview(images: object, result: tuple) -> dict:
+    """A node result that also shows ``images`` on the node in the graph editor, saved as PreviewImage saves them."""
+    return {"ui": comfy_nodes.PreviewImage().save_images(images, filename_prefix="loratorio-weightmaps")["ui"], "result": result}
 
 
 def tip(text: str, **options: object) -> dict:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..loratorio_comfy import build
-from .common import CATEGORY, adapter_prompt_inputs, as_lora_stack, composition_inputs, loratorio_inputs, tip
+from .common import CATEGORY, adapter_prompt_inputs, as_lora_stack, composition_inputs, loratorio_inputs, tip, with_preview
 
 GUIDER_CATEGORY = f"{CATEGORY}/guiders"
 
@@ -79,7 +79,8 @@ class LoRAtorioWeightMaps:
         }
 
     def render(self, guider, samples):
-        return (build.weight_map_image(guider),)
+        weight_maps = build.weight_map_image(guider)
+        return with_preview(weight_maps, (weight_maps,))
 
 
 NODE_CLASS_MAPPINGS = {

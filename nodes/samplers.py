@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from ..loratorio_comfy import build
 from ..loratorio_comfy.sampling import sample_latent
-from .common import CATEGORY, adapter_prompt_inputs, as_lora_stack, composition_inputs, ksampler_inputs, loratorio_inputs
+from .common import (
+    CATEGORY,
+    adapter_prompt_inputs,
+    as_lora_stack,
+    composition_inputs,
+    ksampler_inputs,
+    loratorio_inputs,
+    with_preview,
+)
 from .guiders import tau_input
 
 SAMPLER_CATEGORY = f"{CATEGORY}/sampling"
@@ -36,7 +44,8 @@ class LoRAtorioSampler:
         ksampler, params = split_ksampler_args(values)
         guider = build.loratorio_guider(model, positive, negative, as_lora_stack(lora_stack), cfg, **params)
         latent = sample_latent(guider, latent_image, **ksampler)
-        return (latent, build.weight_map_image(guider))
+        weight_maps = build.weight_map_image(guider)
+        return with_preview(weight_maps, (latent, weight_maps))
 
 
 class LoRACompositeSampler:

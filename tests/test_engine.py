@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
@@ -228,11 +230,13 @@ def test_loratorio_samples_every_family(engine, family, tiny_model_factory, lora
 
 def test_loratorio_sampler_node_outputs_weight_maps_with_a_legend(pack, tiny_model_factory, sd15_stack):
     node = pack.NODE_CLASS_MAPPINGS["LoRAtorioSampler"]()
-    latent, image = node.sample(
+    output = node.sample(
         tiny_model_factory("sd15"), comfy_conditioning("sd15"), comfy_conditioning("sd15", seed=9), sd15_stack[:3], 5.0,
         {"samples": torch.zeros(1, 4, 16, 16)}, seed=1, steps=STEPS, sampler_name="euler", scheduler="normal", denoise=1.0,
         patch_size=4, temperature=0.05, recentre_lambda=1.0, top_k=2, top_k_mode="patch",
     )  # fmt: skip
+    latent, image = output["result"]
+    assert_shown_on_node(output, image)
     assert latent["samples"].shape == (1, 4, 16, 16)
     assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3
     from comfyui_loratorio.loratorio_comfy import weight_map_image as wmi
@@ -245,6 +249,17 @@ def test_loratorio_sampler_node_outputs_weight_maps_with_a_legend(pack, tiny_mod
     legend_swatches = [image[0, wmi.legend_top(tile) + wmi.LEGEND_ROW * i + 6, 10] for i in range(3)]
     for swatch, colour in zip(legend_swatches, palette, strict=True):
         torch.testing.assert_close(swatch, colour, atol=1 / 255, rtol=0)
+
+
+def assert_shown_on_node(output: dict, image: torch.Tensor) -> None:
+    """The node's ``ui`` lists the image as a temp-folder preview the graph editor can show on the node."""
+    import folder_paths
+    from PIL import Image
+
+    (preview,) = output["ui"]["images"]
+    assert preview["type"] == "temp"
+    with Image.open(Path(folder_paths.get_temp_directory()) / preview["subfolder"] / preview["filename"]) as saved:
+        assert saved.size == (image.shape[2], image.shape[1])
 
 
 def ksampler_on(patcher, cfg: float = 5.0) -> torch.Tensor:
@@ -319,7 +334,9 @@ def test_weight_maps_node_reads_a_guider_after_sampler_custom_advanced(pack, tin
     sampler = comfy.samplers.sampler_object("dpmpp_2m")
     sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "karras", STEPS)
     output = SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, {"samples": torch.zeros(1, 4, 16, 16)})
-    (image,) = maps_node.render(guider, output.result[0])
+    shown = maps_node.render(guider, output.result[0])
+    (image,) = shown["result"]
+    assert_shown_on_node(shown, image)
     assert image.shape[0] == 1 and image.shape[-1] == 3 and image.std() > 0.05
     assert len(guider.weight_history) == STEPS
     with pytest.raises(ValueError, match="from a LoRAtorio Guider"):

@@ -16,18 +16,23 @@ Files are written under ``DIR/checkpoints`` and ``DIR/loras`` (default: the host
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-ASSET_VERSION = "1"
+ASSET_VERSION = "2"
 CHECKPOINT_NAME = "loratorio-demo-sd15.safetensors"
-# (file name, key style, seed): one LoRA per concept of the demo prompt
+# (file name, key style, seed, metadata): one LoRA per concept of the demo prompt; the metadata
+# records trigger words the way different trainers do (the background LoRA has none)
 DEMO_LORAS = (
-    ("demo-character-kohya.safetensors", "kohya", 1),
-    ("demo-style-peft.safetensors", "peft", 2),
-    ("demo-background-comfy.safetensors", "comfy", 3),
-    ("demo-object-loha.safetensors", "loha", 4),
-)
+    (
+        "demo-character-kohya.safetensors", "kohya", 1,
+        {"ss_tag_frequency": json.dumps({"10_knight": {"knight": 24, "red shield": 17, "armour": 9}})},
+    ),
+    ("demo-style-peft.safetensors", "peft", 2, {"modelspec.trigger_phrase": "watercolour, soft wash"}),
+    ("demo-background-comfy.safetensors", "comfy", 3, {}),
+    ("demo-object-loha.safetensors", "loha", 4, {"trigger_words": json.dumps(["brass lantern"])}),
+)  # fmt: skip
 SD_VAE_CONFIG = {
     "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
     "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
@@ -73,7 +78,7 @@ def build_loras(folder: Path, checkpoint: Path) -> None:
 
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint))
     folder.mkdir(parents=True, exist_ok=True)
-    for name, style, seed in DEMO_LORAS:
+    for name, style, seed, metadata in DEMO_LORAS:
         target = folder / name
         if is_current(target):
             continue
@@ -82,7 +87,7 @@ def build_loras(folder: Path, checkpoint: Path) -> None:
             write_kohya(partial, "sd15", model.model, seed=seed, clip=clip)
         else:
             write_lora(partial, "sd15", model.model, style, seed=seed)
-        stamp(partial)
+        stamp(partial, metadata)
         partial.replace(target)
 
 
@@ -95,11 +100,11 @@ def is_current(path: Path) -> bool:
         return (handle.metadata() or {}).get("loratorio_demo_assets") == ASSET_VERSION
 
 
-def stamp(path: Path) -> None:
+def stamp(path: Path, metadata: dict[str, str]) -> None:
     import safetensors.torch
 
     tensors = safetensors.torch.load_file(str(path))
-    safetensors.torch.save_file(tensors, str(path), metadata={"loratorio_demo_assets": ASSET_VERSION})
+    safetensors.torch.save_file(tensors, str(path), metadata={**metadata, "loratorio_demo_assets": ASSET_VERSION})
 
 
 def ensure_demo_assets(models_dir: Path) -> tuple[Path, list[Path]]:
@@ -109,10 +114,10 @@ def ensure_demo_assets(models_dir: Path) -> tuple[Path, list[Path]]:
         print(f"[demo-assets] writing {checkpoint} (seeded weights)", flush=True)
         build_checkpoint(checkpoint)
     loras = models_dir / "loras"
-    if not all(is_current(loras / name) for name, _, _ in DEMO_LORAS):
+    if not all(is_current(loras / name) for name, *_ in DEMO_LORAS):
         print(f"[demo-assets] writing the demo LoRAs into {loras}", flush=True)
         build_loras(loras, checkpoint)
-    return checkpoint, [loras / name for name, _, _ in DEMO_LORAS]
+    return checkpoint, [loras / name for name, *_ in DEMO_LORAS]
 
 
 def main() -> int:
