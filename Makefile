@@ -11,9 +11,10 @@ demo:  ## every method through ComfyUI's HTTP API on the demo models; images and
 
 serve:  ## write the demo models, start ComfyUI with the pack for the graph editor (Ctrl-C stops it)
 	$(HOST) run -- tools/demo_assets.py
-	$(HOST) serve --port $(PORT)
+	$(HOST) serve -- --port $(PORT)
 
-test:  ## the whole test suite against the real ComfyUI host
+test:  ## the whole test suite against the real ComfyUI host (installs Debian's Chromium for the graph-editor tests)
+	$(PYTHON) tools/browser.py
 	$(HOST) run -- -m pytest $(PYTEST_ARGS)
 
 host:  ## build (or reuse) the host and print where it is
@@ -25,5 +26,5 @@ lint:
 format:
 	$(HOST) run -- -m ruff format .
 
-workflows:  ## regenerate workflows/ from tools/make_workflows.py (needs `make serve` running)
-	$(PYTHON) tools/make_workflows.py --server http://127.0.0.1:$(PORT)
+workflows:  ## regenerate workflows/ and their template pictures (needs `make serve` running)
+	$(HOST) run -- tools/make_workflows.py --server http://127.0.0.1:$(PORT) --thumbnails

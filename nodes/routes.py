@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import folder_paths
@@ -29,9 +30,8 @@ async def lora_info(request: web.Request) -> web.Response:
 
 def register() -> bool:
     """Add the routes to the running server; False when there is none (the pack imported outside a server)."""
-    from server import PromptServer
-
-    instance = getattr(PromptServer, "instance", None)
+    server = sys.modules.get("server")  # main.py imports it before loading custom nodes; never import it here
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
     if instance is None:
         return False
     instance.routes.get(LORA_INFO_ROUTE)(lora_info)

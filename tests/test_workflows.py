@@ -25,6 +25,17 @@ def test_every_method_has_a_ui_workflow_and_an_api_twin():
     assert {p.stem for p in (WORKFLOWS / "api").glob("*.json")} == METHODS
 
 
+def test_every_workflow_has_a_template_picture():
+    """The templates dialog shows ``<name>.jpg`` on the workflow's card."""
+    from PIL import Image
+
+    assert {p.stem for p in WORKFLOWS.glob("*.jpg")} == METHODS
+    for path in WORKFLOWS.glob("*.jpg"):
+        with Image.open(path) as picture:
+            assert picture.format == "JPEG" and max(picture.size) == 256
+            assert picture.convert("L").getextrema()[1] > 0  # not a blank card
+
+
 def check_widget_value(node: dict, name: str, spec: list, value: object) -> None:
     where = f"{node['type']} (node {node['id']}) input {name}"
     kind, options = spec[0], spec[1] if len(spec) > 1 else {}

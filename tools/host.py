@@ -236,7 +236,7 @@ def link_pack(host: Host) -> None:
 
 
 def install_test_tools(host: Host) -> None:
-    probe = subprocess.run([str(host.python), "-c", "import pytest, hypothesis, safetensors"], capture_output=True)
+    probe = subprocess.run([str(host.python), "-c", "import pytest, hypothesis, safetensors, playwright"], capture_output=True)
     if probe.returncode != 0:
         say(f"installing the test tools into {host.python}")
         run_pip(

@@ -3,10 +3,12 @@
 lists them as templates) and its API-format twin in ``workflows/api/`` (what ``POST /prompt`` and
 ``tools/comfy_client.py`` take).
 
-    python3 tools/make_workflows.py --server http://127.0.0.1:8188
+    python3 tools/host.py run -- tools/make_workflows.py --server http://127.0.0.1:8188 [--thumbnails]
 
 The API prompts below are the source; the UI layout is derived from them with the server's
 ``/object_info`` (widget order, output types). Re-run after changing a node's inputs.
+``--thumbnails`` also runs each workflow on the server (which needs the demo models: ``make serve``)
+and saves its image as ``workflows/<name>.jpg``, the card picture of the templates dialog.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfy_client import NEGATIVE_TITLE, POSITIVE_TITLE, has_control_widget, http_json, is_widget, ordered_inputs
+from comfy_client import NEGATIVE_TITLE, POSITIVE_TITLE, Job, has_control_widget, http_json, is_widget, ordered_inputs, run_jobs
 
 WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows"
 CHECKPOINT = "loratorio-demo-sd15.safetensors"
@@ -30,6 +33,7 @@ LORAS = [
 PROMPT = "a knight with a red shield in a green garden, watercolour"
 NEGATIVE = "blurry, low quality"
 KSAMPLER = {"seed": 1, "steps": 20, "cfg": 7.0, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0}
+THUMBNAIL_SIZE = 256
 LORATORIO = {"patch_size": 8, "temperature": 0.05, "recentre_lambda": 0.5, "top_k": 0, "top_k_mode": "image"}
 
 
@@ -144,9 +148,37 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
     }  # fmt: skip
 
 
+def image_node(prompt: dict) -> str:
+    """The id of the SaveImage node that saves the generated picture (not the weight maps)."""
+    (node_id,) = [
+        node_id
+        for node_id, node in prompt.items()
+        if node["class_type"] == "SaveImage" and "weightmaps" not in node["inputs"]["filename_prefix"]
+    ]
+    return node_id
+
+
+def write_thumbnails(server: str, size: int = THUMBNAIL_SIZE) -> None:
+    """Run every workflow on ``server`` and save its picture as ``workflows/<name>.jpg``."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as scratch:
+        jobs = run_jobs([Job(name, prompt) for name, prompt in WORKFLOWS.items()], [server], Path(scratch))
+        for job in jobs:
+            if job.error:
+                raise SystemExit(f"{job.name} failed on the server: {job.error}")
+            (picture,) = [path for path in job.outputs if path.stem.startswith(f"{job.name}_{image_node(job.prompt)}_")]
+            with Image.open(picture) as image:
+                thumbnail = image.convert("RGB")
+                thumbnail.thumbnail((size, size))
+                thumbnail.save(WORKFLOWS_DIR / f"{job.name}.jpg", quality=85)
+            print(f"wrote workflows/{job.name}.jpg")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", default="http://127.0.0.1:8188", help="a ComfyUI with this pack, for /object_info")
+    parser.add_argument("--thumbnails", action="store_true", help="also run each workflow and save its picture as <name>.jpg")
     options = parser.parse_args()
     object_info = http_json(f"{options.server.rstrip('/')}/object_info")
     (WORKFLOWS_DIR / "api").mkdir(parents=True, exist_ok=True)
@@ -154,6 +186,8 @@ def main() -> int:
         (WORKFLOWS_DIR / "api" / f"{name}.json").write_text(json.dumps(prompt, indent=2) + "\n")
         (WORKFLOWS_DIR / f"{name}.json").write_text(json.dumps(api_to_ui(prompt, object_info), indent=2) + "\n")
         print(f"wrote workflows/{name}.json and workflows/api/{name}.json")
+    if options.thumbnails:
+        write_thumbnails(options.server.rstrip("/"))
     return 0
 
 

@@ -1,0 +1,175 @@
+"""The pack in ComfyUI's real graph editor, driven in headless Chromium against the real server.
+
+Screenshots of each state go to ``test-artifacts/graph-editor/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from support.server import execution_error
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts" / "graph-editor"
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+CHARACTER = "demo-character-kohya.safetensors"
+STYLE = "demo-style-peft.safetensors"
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (make test installs it)")
+    from browser import CHROMIUM_ARGS, chromium_path
+
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("no Chromium on this machine and tools/browser.py could not install Debian's chromium (needs apt + root)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=list(CHROMIUM_ARGS))
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def editor(chromium, server):
+    from support.graph_editor import GraphEditor
+
+    page = chromium.new_page(viewport={"width": 1400, "height": 900})
+    editor = GraphEditor(page, server.url, ARTIFACTS)
+    editor.open()
+    yield editor
+    page.close()
+    assert editor.pack_errors() == []
+
+
+def expected_widgets(node_info: dict) -> set[str]:
+    """Inputs the editor shows as widgets: combos and the scalar types."""
+    inputs = {**node_info["input"].get("required", {}), **node_info["input"].get("optional", {})}
+    return {name for name, spec in inputs.items() if isinstance(spec[0], list) or spec[0] in WIDGET_TYPES}
+
+
+def test_node_search_finds_every_pack_node_and_adds_it_with_its_widgets(editor, server, pack):
+    object_info = server.get_json("/object_info")
+    for node_type, display_name in pack.NODE_DISPLAY_NAME_MAPPINGS.items():
+        editor.clear()
+        first_result = editor.search_and_add(display_name)
+        assert first_result[0] == display_name and "comfyui-loratorio" in first_result, first_result
+        node_id = editor.node_id(node_type)
+        widgets = editor.widgets(node_id)
+        missing = expected_widgets(object_info[node_type]) - set(widgets)
+        assert not missing, f"{node_type} is missing widgets {missing}"
+        if node_type == "MultiLoRALoader":
+            shown = editor.widgets(node_id, shown_only=True)
+            assert list(shown) == ["lora_1", "strength_1", "enabled_1", "+ Add LoRA", "- Remove last LoRA"]
+        if node_type in ("MultiLoRALoader", "LoRAtorioSampler"):
+            editor.screenshot(f"search-added-{node_type}")
+
+
+def template_names() -> list[str]:
+    return sorted(path.stem for path in (REPO / "workflows").glob("*.json"))
+
+
+def test_missing_nodes_are_detected(editor):
+    """The check the template test relies on does see a node type the server lacks."""
+    workflow = json.loads((REPO / "workflows" / "loratorio.json").read_text())
+    workflow["nodes"][0]["type"] = "NoSuchLoRANode"
+    editor.page.evaluate("async workflow => await app.loadGraphData(workflow)", workflow)
+    editor.page.wait_for_timeout(500)
+    assert "NoSuchLoRANode" in editor.missing_node_types() or any("NoSuchLoRANode" in t for t in editor.dialog_texts())
+
+
+@pytest.mark.parametrize("name", template_names())
+def test_each_workflow_opens_from_the_templates_dialog_without_missing_nodes(editor, name):
+    editor.open_template(name)
+    workflow = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    assert sorted(node["type"] for node in editor.nodes()) == sorted(node["type"] for node in workflow["nodes"])
+    assert editor.missing_node_types() == []
+    assert not [text for text in editor.dialog_texts() if "missing" in text.lower()]
+    editor.screenshot(f"template-{name}")
+
+
+def scalar(value: object) -> bool:
+    return isinstance(value, (str, int, float, bool))
+
+
+def test_adding_and_removing_lora_rows_changes_the_queued_payload(editor):
+    editor.page.evaluate("() => { const n = LiteGraph.createNode('MultiLoRALoader'); n.pos = [320, 160]; app.graph.add(n); }")
+    loader = editor.node_id("MultiLoRALoader")
+    rows = lambda: editor.api_payload()[str(loader)]["inputs"]  # noqa: E731
+    assert rows() == {"lora_1": "None", "strength_1": 1.0, "enabled_1": True}
+
+    editor.click_widget(loader, "+ Add LoRA")
+    assert rows() == {
+        "lora_1": "None",
+        "strength_1": 1.0,
+        "enabled_1": True,
+        "lora_2": "None",
+        "strength_2": 1.0,
+        "enabled_2": True,
+    }
+
+    editor.set_widget(loader, "lora_1", CHARACTER)
+    editor.set_widget(loader, "lora_2", STYLE)
+    editor.set_widget(loader, "strength_2", 0.6)
+    editor.click_widget(loader, "enabled_2")  # the toggle, clicked
+    payload = rows()
+    assert payload == {
+        "lora_1": CHARACTER,
+        "strength_1": 1.0,
+        "enabled_1": True,
+        "lora_2": STYLE,
+        "strength_2": 0.6,
+        "enabled_2": False,
+    }
+    assert all(scalar(value) for value in payload.values())
+
+    editor.page.wait_for_function(f"() => app.graph.getNodeById({loader}).widgets.find(w => w.name === 'trigger_words').value")
+    assert editor.widgets(loader)["trigger_words"] == "1: knight, red shield, armour\n2: watercolour, soft wash"
+    editor.screenshot("multi-lora-loader-two-rows")
+
+    editor.context_menu(loader, f"Remove LoRA row 1 ({CHARACTER})")
+    assert rows() == {"lora_1": STYLE, "strength_1": 0.6, "enabled_1": False}
+    assert editor.widgets(loader, shown_only=True).get("trigger_words") == "1: watercolour, soft wash"
+
+    saved = editor.page.evaluate("() => app.graph.serialize()")
+    editor.clear()
+    editor.page.evaluate("async workflow => await app.loadGraphData(workflow)", saved)
+    assert rows() == {"lora_1": STYLE, "strength_1": 0.6, "enabled_1": False}
+
+    for _ in range(8):
+        editor.click_widget(loader, "+ Add LoRA")
+    assert len(rows()) == 3 * 8  # the eighth row is the last; Add is disabled there
+    assert editor.page.evaluate(f"() => app.graph.getNodeById({loader}).widgets.find(w => w.name === '+ Add LoRA').disabled")
+
+
+def test_queueing_the_loratorio_workflow_gives_an_image_and_the_weight_map_on_the_node(editor, server):
+    editor.open_template("loratorio")
+    sampler = editor.node_id("LoRAtorioSampler")
+    latent = editor.node_id("EmptyLatentImage")
+    editor.set_widget(sampler, "steps", 2)
+    editor.set_widget(latent, "width", 64)
+    editor.set_widget(latent, "height", 64)
+    prompt_id = editor.run()
+
+    loader_inputs = editor.queued_prompt[str(editor.node_id("MultiLoRALoader"))]["inputs"]
+    assert sorted(loader_inputs) == sorted(f"{field}_{row}" for field in ("lora", "strength", "enabled") for row in (1, 2, 3))
+    assert all(scalar(value) for value in loader_inputs.values())
+
+    deadline = time.monotonic() + 300
+    while prompt_id not in (history := server.get_json(f"/history/{prompt_id}")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    entry = history[prompt_id]
+    assert execution_error(entry) is None
+    saved = [image for output in entry["outputs"].values() for image in output.get("images", []) if image["type"] == "output"]
+    output_dir = server.log_path.parent / "output"
+    assert saved and all((output_dir / image["subfolder"] / image["filename"]).is_file() for image in saved)
+
+    editor.page.wait_for_function(f"() => (app.graph.getNodeById({sampler}).imgs ?? []).length > 0", timeout=30_000)
+    shown = editor.page.evaluate(f"() => app.graph.getNodeById({sampler}).imgs.map(img => img.src)")
+    assert len(shown) == 1 and "loratorio-weightmaps" in shown[0] and "type=temp" in shown[0]
+    editor.page.wait_for_timeout(500)
+    editor.screenshot("loratorio-workflow-after-run")
