@@ -89,3 +89,15 @@ def test_demo_runs_every_method_and_writes_the_comparison_sheet(demo_models, tmp
     sheet = Image.open(tmp_path / "comparison.png")
     assert sheet.width > 5 * 64 and sheet.height > 2 * 64
     assert_sane_image(tmp_path / "comparison.png")
+
+
+def test_client_keeps_saved_images_and_falls_back_to_previews():
+    from comfy_client import result_images
+
+    saved = {"filename": "a.png", "subfolder": "", "type": "output"}
+    preview = {"filename": "b.png", "subfolder": "", "type": "temp"}
+    both = {"outputs": {"6": {"images": [preview]}, "8": {"images": [saved]}}}
+    assert result_images(both) == [("8", 0, saved)]
+    only_previews = {"outputs": {"6": {"images": [preview]}, "7": {"latents": []}}}
+    assert result_images(only_previews) == [("6", 0, preview)]
+    assert result_images({"outputs": {}}) == []

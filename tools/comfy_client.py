@@ -265,6 +265,22 @@ def progress_line(job: Job, value: int, maximum: int) -> None:
     sys.stderr.flush()
 
 
+def result_images(history: dict) -> list[tuple[str, int, dict]]:
+    """(node id, index, image) of the images a job saved; its previews only when it saved none.
+
+    Nodes such as the LoRAtorio Sampler also show a preview on the node (a ``temp`` image); the
+    saved (``output``) images are the results. A workflow that ends in Preview Image still gets its
+    previews.
+    """
+    images = [
+        (node_id, index, image)
+        for node_id, output in history.get("outputs", {}).items()
+        for index, image in enumerate(output.get("images", []))
+    ]
+    saved = [entry for entry in images if entry[2].get("type") == "output"]
+    return saved or images
+
+
 def run_job(server: str, job: Job, out_dir: Path, timeout: float, retries: int) -> None:
     """Queue one job on ``server``, follow it on the websocket, download its images."""
     job.server = server
@@ -303,12 +319,11 @@ def run_job(server: str, job: Job, out_dir: Path, timeout: float, retries: int) 
     finally:
         websocket.close()
     history = http_json(f"{server}/history/{prompt_id}", retries=retries)[prompt_id]
-    for node_id, output in history.get("outputs", {}).items():
-        for index, image in enumerate(output.get("images", [])):
-            query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
-            target = out_dir / f"{job.name}_{node_id}_{index}.png"
-            download(f"{server}/view?{query}", target)
-            job.outputs.append(target)
+    for node_id, index, image in result_images(history):
+        query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
+        target = out_dir / f"{job.name}_{node_id}_{index}.png"
+        download(f"{server}/view?{query}", target)
+        job.outputs.append(target)
     sys.stderr.write(f"\r[{server}] {job.name:<32} done: {len(job.outputs)} image(s)\n")
 
 
