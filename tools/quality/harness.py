@@ -1,0 +1,278 @@
+#!/usr/bin/env python3
+"""Score composition methods in the toy world: every combination of concepts, each method through
+the pack's own nodes in real ComfyUI sampling, every image checked by the detector.
+
+    python3 tools/host.py run -- tools/quality/harness.py [--models DIR ...] [--images 64] [--steps 20]
+        [--sizes 2,3,4] [--methods merge,switch,composite,loratorio] [--out out/quality]
+
+For each training seed (a folder written by ``train.py``), each combination of N concepts and each
+method, one sampling call generates ``--images`` images (one latent batch, so each image has its own
+noise) for the prompt made of the concepts' trigger words. Single-LoRA runs (each concept alone,
+merged at strength 1) give the ceiling. Reported per method and N, with 95% bootstrap intervals
+(training seeds resampled, then images): element recall (shape-checked and colour-only), the rate
+of images with every element, of empty images (no concept at all) and of images with a concept
+that was not asked for. Writes ``results.json``, ``results.md`` and ``grid.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+METHODS = ("merge", "switch", "composite", "loratorio")
+# The settings of each method; see the README for how they were chosen.
+METHOD_SETTINGS = {
+    "merge": {"strength": 1.0},
+    "switch": {"tau": 2},
+    "composite": {},
+    "loratorio": {"patch_size": 2, "temperature": 0.05, "recentre_lambda": 0.5},
+}
+SAMPLING = {"cfg": 3.0, "sampler_name": "euler", "scheduler": "normal"}
+BOOTSTRAP_SAMPLES = 1000
+
+
+@dataclass
+class Scores:
+    """Per-image results of one (training seed, combination, method) run."""
+
+    method: str
+    training_seed: str
+    concepts: list[str]
+    recall: list[float] = field(default_factory=list)
+    colour_recall: list[float] = field(default_factory=list)
+    all_present: list[bool] = field(default_factory=list)
+    empty: list[bool] = field(default_factory=list)
+    wrong: list[bool] = field(default_factory=list)
+
+
+def score_images(images, concepts: list[str], scores: Scores) -> None:
+    from quality.detector import detect
+
+    expected = set(concepts)
+    for image in images:
+        found = detect(image)
+        scores.recall.append(len(expected & found.present) / len(expected))
+        scores.colour_recall.append(len(expected & found.colour_present) / len(expected))
+        scores.all_present.append(expected <= found.present)
+        scores.empty.append(not found.colour_present)
+        scores.wrong.append(bool(found.colour_present - expected))
+
+
+class ToyRun:
+    """One training seed's models, sampled through the pack's nodes."""
+
+    def __init__(self, pack, seed_dir: Path, images: int, steps: int):
+        import folder_paths
+
+        from quality import toy_model
+
+        self.pack, self.images, self.steps = pack, images, steps
+        self.model, self.table = toy_model.load_base(seed_dir / toy_model.BASE_FILE)
+        folder_paths.folder_names_and_paths["loras"] = ([str(seed_dir)], folder_paths.supported_pt_extensions)
+        folder_paths.filename_list_cache.pop("loras", None)
+
+    def stack(self, concepts, strength: float = 1.0) -> list:
+        from quality import toy_model
+
+        return [(toy_model.lora_file(c), strength, strength) for c in concepts]
+
+    def generate(self, method: str, concepts, seed: int):
+        """``self.images`` images of ``method`` composing ``concepts``, as ``[B, H, W, 3]`` numpy in [0, 1]."""
+        import nodes as comfy_nodes
+        import torch
+
+        from quality import toy_model, world
+
+        positive = toy_model.conditioning(self.table, world.combination_prompt(list(concepts)))
+        negative = toy_model.conditioning(self.table, [])
+        latent = {"samples": torch.zeros(self.images, world.LATENT_CHANNELS, world.IMAGE_SIZE, world.IMAGE_SIZE)}
+        settings = METHOD_SETTINGS.get(method, {})
+        ksampler = {
+            "seed": seed,
+            "steps": self.steps,
+            "sampler_name": SAMPLING["sampler_name"],
+            "scheduler": SAMPLING["scheduler"],
+        }
+        nodes_by_name = self.pack.NODE_CLASS_MAPPINGS
+        if method in ("merge", "single"):
+            strength = settings.get("strength", 1.0)
+            (merged, _) = nodes_by_name["LoRAMerge"]().merge(self.model, self.stack(concepts, strength))
+            (out,) = comfy_nodes.common_ksampler(
+                merged,
+                seed,
+                self.steps,
+                SAMPLING["cfg"],
+                SAMPLING["sampler_name"],
+                SAMPLING["scheduler"],
+                positive,
+                negative,
+                latent,
+            )
+        else:
+            node = nodes_by_name[
+                {"switch": "LoRASwitchSampler", "composite": "LoRACompositeSampler", "loratorio": "LoRAtorioSampler"}[method]
+            ]
+            extra = {"top_k": 0, "top_k_mode": "image", **settings} if method == "loratorio" else dict(settings)
+            result = node().sample(
+                self.model, positive, negative, self.stack(concepts), SAMPLING["cfg"], latent, denoise=1.0, **ksampler, **extra
+            )
+            out = (result["result"] if isinstance(result, dict) else result)[0]
+        return world.as_images(out["samples"]).numpy()
+
+
+def combinations(sizes: list[int]) -> list[tuple]:
+    from quality.world import CONCEPTS
+
+    return [combo for n in sizes for combo in itertools.combinations(CONCEPTS, n)]
+
+
+def bootstrap_interval(per_seed: list[list[float]], generator) -> tuple[float, float, float]:
+    """Mean and 95% interval, resampling training seeds, then images within each."""
+    import numpy as np
+
+    arrays = [np.asarray(values, dtype=float) for values in per_seed if len(values)]
+    mean = float(np.mean(np.concatenate(arrays)))
+    means = []
+    for _ in range(BOOTSTRAP_SAMPLES):
+        chosen = [arrays[i] for i in generator.integers(0, len(arrays), len(arrays))]
+        means.append(np.mean(np.concatenate([a[generator.integers(0, len(a), len(a))] for a in chosen])))
+    low, high = np.percentile(means, [2.5, 97.5])
+    return mean, float(low), float(high)
+
+
+def summarise(runs: list[Scores]) -> list[dict]:
+    import numpy as np
+
+    generator = np.random.default_rng(0)
+    rows = []
+    keys = sorted(
+        {(r.method, len(r.concepts)) for r in runs}, key=lambda k: (k[1], METHODS.index(k[0]) if k[0] in METHODS else -1)
+    )
+    for method, size in keys:
+        group = [r for r in runs if r.method == method and len(r.concepts) == size]
+        seeds = sorted({r.training_seed for r in group})
+        row = {
+            "method": method,
+            "n": size,
+            "combinations": len({tuple(r.concepts) for r in group}),
+            "images": sum(len(r.recall) for r in group),
+        }
+        for metric in ("recall", "colour_recall", "all_present", "empty", "wrong"):
+            per_seed = [[float(v) for r in group if r.training_seed == s for v in getattr(r, metric)] for s in seeds]
+            row[metric] = bootstrap_interval(per_seed, generator)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    def cell(value: tuple[float, float, float]) -> str:
+        return f"{value[0]:.2f} [{value[1]:.2f}, {value[2]:.2f}]"
+
+    lines = [
+        header,
+        "",
+        "| method | N | recall (shape) | recall (colour) | all present | empty | wrong concept | images |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['method']} | {row['n']} | {cell(row['recall'])} | {cell(row['colour_recall'])} | {cell(row['all_present'])} "
+            f"| {cell(row['empty'])} | {cell(row['wrong'])} | {row['images']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def save_grid(samples: dict[str, list], path: Path) -> None:
+    """One row per method (and the single-LoRA row), a few images each, upscaled for viewing."""
+    import numpy as np
+    from PIL import Image
+
+    scale, gap = 4, 2
+    rows = list(samples.items())
+    width = max(len(images) for _, images in rows)
+    tile = 32 * scale
+    sheet = Image.new("RGB", (width * (tile + gap), len(rows) * (tile + gap)), (40, 40, 40))
+    for r, (_, images) in enumerate(rows):
+        for c, image in enumerate(images):
+            picture = Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
+            sheet.paste(picture, (c * (tile + gap), r * (tile + gap)))
+    sheet.save(path)
+
+
+def main() -> int:
+    from host_env import comfyui_on_path, load_pack
+
+    comfyui_on_path("quality/harness.py")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--models", type=Path, nargs="*", help="training-seed folders (default: every tools/quality/models/seed-*)"
+    )
+    parser.add_argument("--images", type=int, default=64, help="images per combination, method and training seed")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--sizes", default="2,3,4", help="numbers of concepts to combine")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seed", type=int, default=1, help="the sampling seed (each image of the batch gets its own noise)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent.parent / "out" / "quality")
+    options = parser.parse_args()
+    pack = load_pack()
+    import comfy.utils
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+
+    from quality.world import CONCEPTS
+
+    seed_dirs = options.models or sorted(MODELS_DIR.glob("seed-*"))
+    if not seed_dirs:
+        sys.exit(f"no trained models in {MODELS_DIR}; run tools/quality/train.py first")
+    methods = [m.strip() for m in options.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        sys.exit(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    sizes = [int(n) for n in options.sizes.split(",")]
+    runs: list[Scores] = []
+    grid: dict[str, list] = {}
+    started = time.monotonic()
+    for seed_dir in seed_dirs:
+        toy = ToyRun(pack, seed_dir, options.images, options.steps)
+        for concept in CONCEPTS:
+            scores = Scores("single", seed_dir.name, [concept.name])
+            images = toy.generate("single", [concept], options.seed)
+            score_images(images, scores.concepts, scores)
+            runs.append(scores)
+            grid.setdefault("single", []).append(images[0])
+        for combo in combinations(sizes):
+            for method in methods:
+                scores = Scores(method, seed_dir.name, [c.name for c in combo])
+                images = toy.generate(method, combo, options.seed)
+                score_images(images, scores.concepts, scores)
+                runs.append(scores)
+                grid.setdefault(method, []).extend(images[:1])
+            print(
+                f"[quality] {seed_dir.name} {'+'.join(c.trigger for c in combo)} done ({time.monotonic() - started:.0f} s)",
+                flush=True,
+            )
+    rows = summarise(runs)
+    options.out.mkdir(parents=True, exist_ok=True)
+    header = (
+        f"Toy-world composition quality: {len(seed_dirs)} training seed(s), {options.images} images per combination, "
+        f"{options.steps} {SAMPLING['sampler_name']} steps, cfg {SAMPLING['cfg']}; mean [95% bootstrap interval]. "
+        "Single = each concept's LoRA alone (the ceiling)."
+    )
+    (options.out / "results.json").write_text(json.dumps({"rows": rows, "runs": [asdict(r) for r in runs]}, indent=1))
+    table = markdown(rows, header)
+    (options.out / "results.md").write_text(table)
+    save_grid({method: images[:12] for method, images in grid.items()}, options.out / "grid.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Train the toy world's base model and concept LoRAs (CPU, minutes), reproducibly from a seed.
+
+    python3 tools/host.py run -- tools/quality/train.py --seed 0 [--out tools/quality/models/seed-0]
+
+The base model learns the four shapes in washed-out colours from prompts naming them; each concept
+LoRA (rank 4 on every attention projection) learns its trigger word from images of the concept.
+Both use v-prediction on ComfyUI's own noise schedule through ``BaseModel.apply_model``, so what is
+trained is exactly what ComfyUI samples. Outputs: ``toy-base.safetensors`` and one ComfyUI-format
+``toy-<concept>.safetensors`` per concept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+BASE_STEPS = 1500
+LORA_STEPS = 250
+BATCH = 32
+PROMPT_DROPOUT = 0.1
+LORA_RANK = 4
+LORA_TARGETS = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+
+class TrainableLoRA:
+    """Rank-r factors on every attention projection, added by forward hooks while training."""
+
+    def __init__(self, unet, rank: int, seed: int):
+        import torch
+
+        generator = torch.Generator().manual_seed(seed)
+        self.rank = rank
+        self.factors: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
+        self.handles = []
+        for name, layer in unet.named_modules():
+            if not LORA_TARGETS.search("." + name):
+                continue
+            down = torch.nn.Parameter(torch.randn(rank, layer.in_features, generator=generator) / layer.in_features**0.5)
+            up = torch.nn.Parameter(torch.zeros(layer.out_features, rank))
+            self.factors[name] = (down, up)
+            self.handles.append(layer.register_forward_hook(lambda _m, args, out, d=down, u=up: out + args[0] @ d.T @ u.T))
+
+    def parameters(self) -> list:
+        return [p for pair in self.factors.values() for p in pair]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def state_dict(self) -> dict:
+        """ComfyUI's own LoRA key format: ``diffusion_model.<layer>.lora_up/lora_down.weight`` and ``.alpha``."""
+        import torch
+
+        tensors = {}
+        for name, (down, up) in self.factors.items():
+            key = f"diffusion_model.{name}"
+            tensors[f"{key}.lora_down.weight"] = down.detach().contiguous()
+            tensors[f"{key}.lora_up.weight"] = up.detach().contiguous()
+            tensors[f"{key}.alpha"] = torch.tensor(float(self.rank))
+        return tensors
+
+
+def batch_of(example, generator, batch: int):
+    """Images as latents and token ids, with the prompt dropped (empty) for ``PROMPT_DROPOUT`` of them."""
+    import torch
+
+    from quality.world import as_latent, token_ids
+
+    images, ids = [], []
+    for _ in range(batch):
+        image, words = example(generator)
+        images.append(image)
+        dropped = torch.rand((), generator=generator).item() < PROMPT_DROPOUT
+        ids.append(token_ids([] if dropped else words))
+    return as_latent(torch.stack(images)), torch.stack(ids)
+
+
+def v_prediction_loss(model, embedding_table, latents, ids, generator):
+    """MSE of ComfyUI's v-prediction output, written as a weighted loss on its denoised image."""
+    import torch
+
+    sigmas = model.model_sampling.sigmas
+    sigma = sigmas[torch.randint(0, len(sigmas), (latents.shape[0],), generator=generator)]
+    noise = torch.randn(latents.shape, generator=generator)
+    noisy = latents + noise * sigma.view(-1, 1, 1, 1)
+    denoised = model.apply_model(noisy, sigma, c_crossattn=embedding_table(ids))
+    weight = ((sigma**2 + 1) / sigma**2).view(-1, 1, 1, 1)
+    return (weight * (denoised - latents) ** 2).mean()
+
+
+def train(steps: int, parameters: list, step_loss, learning_rate: float, label: str) -> float:
+    import torch
+
+    optimiser = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=learning_rate, total_steps=steps, pct_start=0.05)
+    started, recent = time.monotonic(), []
+    for step in range(1, steps + 1):
+        loss = step_loss()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        recent = [*recent, loss.item()][-50:]
+        if step % 100 == 0 or step == steps:
+            print(
+                f"[train] {label} step {step}/{steps} loss {sum(recent) / len(recent):.4f} ({time.monotonic() - started:.0f} s)",
+                flush=True,
+            )
+    return sum(recent) / len(recent)
+
+
+def main() -> int:
+    from host_env import comfyui_on_path
+
+    comfyui_on_path("quality/train.py")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="default: tools/quality/models/seed-<seed>")
+    parser.add_argument("--base-steps", type=int, default=BASE_STEPS)
+    parser.add_argument("--lora-steps", type=int, default=LORA_STEPS)
+    options = parser.parse_args()
+    out = options.out or MODELS_DIR / f"seed-{options.seed}"
+
+    import safetensors.torch
+    import torch
+
+    from quality import toy_model, world
+
+    generator = torch.Generator().manual_seed(options.seed)
+    model, embedding = toy_model.new_model(options.seed)
+    model.train()
+
+    def base_step():
+        latents, ids = batch_of(world.base_example, generator, BATCH)
+        return v_prediction_loss(model, embedding, latents, ids, generator)
+
+    train(options.base_steps, [*model.diffusion_model.parameters(), *embedding.parameters()], base_step, 2e-3, "base")
+    toy_model.save_base(out / toy_model.BASE_FILE, model, embedding)
+    print(f"[train] wrote {out / toy_model.BASE_FILE}")
+
+    model.requires_grad_(False)
+    embedding.requires_grad_(False)
+    for index, concept in enumerate(world.CONCEPTS):
+        lora = TrainableLoRA(model.diffusion_model, LORA_RANK, seed=options.seed * 100 + index)
+
+        def lora_step(concept=concept):
+            latents, ids = batch_of(lambda g: world.concept_example(concept, g), generator, BATCH)
+            return v_prediction_loss(model, embedding, latents, ids, generator)
+
+        train(options.lora_steps, lora.parameters(), lora_step, 5e-3, concept.name)
+        lora.remove()
+        target = out / toy_model.lora_file(concept)
+        safetensors.torch.save_file(lora.state_dict(), str(target), metadata={"modelspec.trigger_phrase": concept.trigger})
+        print(f"[train] wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
