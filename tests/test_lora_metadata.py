@@ -67,3 +67,32 @@ def test_damaged_or_foreign_files_are_named_errors(lm, tmp_path):
     ]:
         with pytest.raises(lm.MetadataError, match=message):
             lm.read_metadata(path)
+
+
+def lora_info(server, query: str) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{server.url}/loratorio/lora_info{query}", timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def test_the_route_the_graph_editor_calls(server):
+    assert lora_info(server, "?name=demo-character-kohya.safetensors") == (
+        200,
+        {
+            "name": "demo-character-kohya.safetensors",
+            "trigger_words": ["knight", "red shield", "armour"],
+            "source": "ss_tag_frequency",
+        },
+    )
+    assert lora_info(server, "?name=demo-background-comfy.safetensors")[1]["trigger_words"] == []
+    status, body = lora_info(server, "?name=corrupt.safetensors")
+    assert status == 422 and "damaged" in body["error"]
+    status, body = lora_info(server, "?name=missing.safetensors")
+    assert status == 404 and "not in any loras folder" in body["error"]
+    status, body = lora_info(server, "")
+    assert status == 400 and "?name=" in body["error"]
