@@ -128,10 +128,15 @@ class ToyRun:
         return world.as_images(out["samples"]).numpy()
 
 
-def combinations(sizes: list[int]) -> list[tuple]:
+def combinations(sizes: list[int], split: str = "all") -> list[tuple]:
+    """Every combination of ``sizes`` concepts; ``split`` keeps the tuning third (every third one
+    in a fixed order, on which method settings are chosen) or the held-out test rest."""
     from quality.world import CONCEPTS
 
-    return [combo for n in sizes for combo in itertools.combinations(CONCEPTS, n)]
+    every = [combo for n in sizes for combo in itertools.combinations(CONCEPTS, n)]
+    if split == "all":
+        return every
+    return [combo for index, combo in enumerate(every) if (index % 3 == 0) == (split == "tune")]
 
 
 def bootstrap_interval(per_seed: list[list[float]], generator) -> tuple[float, float, float]:
@@ -219,6 +224,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--sizes", default="2,3,4", help="numbers of concepts to combine")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--split", choices=("test", "tune", "all"), default="test", help="which combinations (see combinations())"
+    )
     parser.add_argument("--seed", type=int, default=1, help="the sampling seed (each image of the batch gets its own noise)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent.parent / "out" / "quality")
     options = parser.parse_args()
@@ -248,7 +256,7 @@ def main() -> int:
             score_images(images, scores.concepts, scores)
             runs.append(scores)
             grid.setdefault("single", []).append(images[0])
-        for combo in combinations(sizes):
+        for combo in combinations(sizes, options.split):
             for method in methods:
                 scores = Scores(method, seed_dir.name, [c.name for c in combo])
                 images = toy.generate(method, combo, options.seed)
@@ -262,7 +270,8 @@ def main() -> int:
     rows = summarise(runs)
     options.out.mkdir(parents=True, exist_ok=True)
     header = (
-        f"Toy-world composition quality: {len(seed_dirs)} training seed(s), {options.images} images per combination, "
+        f"Toy-world composition quality ({options.split} combinations): {len(seed_dirs)} training seed(s), "
+        f"{options.images} images per combination, "
         f"{options.steps} {SAMPLING['sampler_name']} steps, cfg {SAMPLING['cfg']}; mean [95% bootstrap interval]. "
         "Single = each concept's LoRA alone (the ceiling)."
     )
