@@ -78,7 +78,7 @@ def test_toy_model_samples_through_every_method_of_the_harness(pack, toy_files, 
     folder, concept, _ = toy_files
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", folder_paths.folder_names_and_paths["loras"])
     toy = ToyRun(pack, folder, images=2, steps=2)
-    for method in ("single", *METHODS):
+    for method in ("base", "single", *METHODS):
         images = toy.generate(method, [concept], seed=1)
         assert images.shape == (2, world.IMAGE_SIZE, world.IMAGE_SIZE, 3) and np.isfinite(images).all()
         scores = Scores(method, folder.name, [concept.name])

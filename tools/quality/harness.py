@@ -7,11 +7,12 @@ the pack's own nodes in real ComfyUI sampling, every image checked by the detect
 
 For each training seed (a folder written by ``train.py``), each combination of N concepts and each
 method, one sampling call generates ``--images`` images (one latent batch, so each image has its own
-noise) for the prompt made of the concepts' trigger words. Single-LoRA runs (each concept alone,
-merged at strength 1) give the ceiling. Reported per method and N, with 95% bootstrap intervals
-(training seeds resampled, then images): element recall (shape-checked and colour-only), the rate
-of images with every element, of empty images (no concept at all) and of images with a concept
-that was not asked for. Writes ``results.json``, ``results.md`` and ``grid.png`` under ``--out``.
+noise) for the prompt made of the concepts' trigger words. Each concept alone gives two controls:
+its trigger word without any LoRA (the floor) and its LoRA merged at strength 1 (the ceiling).
+Reported per method and N, with 95% bootstrap intervals (training seeds resampled, then images):
+element recall (shape-checked and colour-only), the rate of images with every element, of empty
+images (no concept at all) and of images with a concept that was not asked for. Writes
+``results.json``, ``results.md`` and ``grid.png`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -102,9 +103,11 @@ class ToyRun:
             "scheduler": SAMPLING["scheduler"],
         }
         nodes_by_name = self.pack.NODE_CLASS_MAPPINGS
-        if method in ("merge", "single"):
-            strength = settings.get("strength", 1.0)
-            (merged, _) = nodes_by_name["LoRAMerge"]().merge(self.model, self.stack(concepts, strength))
+        if method in ("merge", "single", "base"):
+            merged = self.model
+            if method != "base":
+                strength = settings.get("strength", 1.0)
+                (merged, _) = nodes_by_name["LoRAMerge"]().merge(self.model, self.stack(concepts, strength))
             (out,) = comfy_nodes.common_ksampler(
                 merged,
                 seed,
@@ -158,9 +161,8 @@ def summarise(runs: list[Scores]) -> list[dict]:
 
     generator = np.random.default_rng(0)
     rows = []
-    keys = sorted(
-        {(r.method, len(r.concepts)) for r in runs}, key=lambda k: (k[1], METHODS.index(k[0]) if k[0] in METHODS else -1)
-    )
+    order = ("base", "single", *METHODS)
+    keys = sorted({(r.method, len(r.concepts)) for r in runs}, key=lambda k: (k[1], order.index(k[0])))
     for method, size in keys:
         group = [r for r in runs if r.method == method and len(r.concepts) == size]
         seeds = sorted({r.training_seed for r in group})
@@ -251,11 +253,12 @@ def main() -> int:
     for seed_dir in seed_dirs:
         toy = ToyRun(pack, seed_dir, options.images, options.steps)
         for concept in CONCEPTS:
-            scores = Scores("single", seed_dir.name, [concept.name])
-            images = toy.generate("single", [concept], options.seed)
-            score_images(images, scores.concepts, scores)
-            runs.append(scores)
-            grid.setdefault("single", []).append(images[0])
+            for control in ("base", "single"):  # the trigger word without its LoRA (the floor); the LoRA alone (the ceiling)
+                scores = Scores(control, seed_dir.name, [concept.name])
+                images = toy.generate(control, [concept], options.seed)
+                score_images(images, scores.concepts, scores)
+                runs.append(scores)
+                grid.setdefault(control, []).append(images[0])
         for combo in combinations(sizes, options.split):
             for method in methods:
                 scores = Scores(method, seed_dir.name, [c.name for c in combo])
@@ -273,7 +276,7 @@ def main() -> int:
         f"Toy-world composition quality ({options.split} combinations): {len(seed_dirs)} training seed(s), "
         f"{options.images} images per combination, "
         f"{options.steps} {SAMPLING['sampler_name']} steps, cfg {SAMPLING['cfg']}; mean [95% bootstrap interval]. "
-        "Single = each concept's LoRA alone (the ceiling)."
+        "At N = 1, base = the trigger word without its LoRA (the floor), single = the LoRA alone (the ceiling)."
     )
     (options.out / "results.json").write_text(json.dumps({"rows": rows, "runs": [asdict(r) for r in runs]}, indent=1))
     table = markdown(rows, header)
