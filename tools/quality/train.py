@@ -21,10 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BASE_STEPS = 1500
-LORA_STEPS = 250
+LORA_STEPS = 600
 BATCH = 32
 PROMPT_DROPOUT = 0.1
-LORA_RANK = 4
+LORA_RANK = 8
 LORA_TARGETS = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
@@ -125,6 +125,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="default: tools/quality/models/seed-<seed>")
     parser.add_argument("--base-steps", type=int, default=BASE_STEPS)
     parser.add_argument("--lora-steps", type=int, default=LORA_STEPS)
+    parser.add_argument("--reuse-base", action="store_true", help="train only the LoRAs, on the base model already in --out")
     options = parser.parse_args()
     out = options.out or MODELS_DIR / f"seed-{options.seed}"
 
@@ -134,17 +135,22 @@ def main() -> int:
     from quality import toy_model, world
 
     generator = torch.Generator().manual_seed(options.seed)
-    model, embedding = toy_model.new_model(options.seed)
-    model.train()
+    if options.reuse_base:
+        patcher, table = toy_model.load_base(out / toy_model.BASE_FILE)
+        model, embedding = patcher.model, torch.nn.Embedding.from_pretrained(table)
+    else:
+        model, embedding = toy_model.new_model(options.seed)
+        model.train()
 
-    def base_step():
-        latents, ids = batch_of(world.base_example, generator, BATCH)
-        return v_prediction_loss(model, embedding, latents, ids, generator)
+        def base_step():
+            latents, ids = batch_of(world.base_example, generator, BATCH)
+            return v_prediction_loss(model, embedding, latents, ids, generator)
 
-    train(options.base_steps, [*model.diffusion_model.parameters(), *embedding.parameters()], base_step, 2e-3, "base")
-    toy_model.save_base(out / toy_model.BASE_FILE, model, embedding)
-    print(f"[train] wrote {out / toy_model.BASE_FILE}")
+        train(options.base_steps, [*model.diffusion_model.parameters(), *embedding.parameters()], base_step, 2e-3, "base")
+        toy_model.save_base(out / toy_model.BASE_FILE, model, embedding)
+        print(f"[train] wrote {out / toy_model.BASE_FILE}")
 
+    generator.manual_seed(options.seed + 1)  # the LoRAs' data, the same with or without --reuse-base
     model.requires_grad_(False)
     embedding.requires_grad_(False)
     for index, concept in enumerate(world.CONCEPTS):
