@@ -65,8 +65,9 @@ def test_toy_lora_is_read_fully_by_comfyuis_lora_loader_and_the_per_row_engine(e
     assert table.shape == (len(world.VOCABULARY), toy_model.CONTEXT_DIM)
     state = safetensors.torch.load_file(str(folder / toy_model.lora_file(concept)))
     patches = comfy.lora.load_lora(state, comfy.lora.model_lora_keys_unet(patcher.model, {}), log_missing=False)
-    # q, k, v and out of self- and cross-attention, in the 4 transformer blocks (input, middle, 2 output)
-    assert len(patches) == layers == 4 * 2 * 4
+    # 4 transformer blocks x (q, k, v, out of both attentions + 2 feed-forward layers),
+    # 11 res blocks x 2 convolutions, and the output convolution
+    assert len(patches) == layers == 4 * 10 + 11 * 2 + 1
     parsed = engine.adapters.parse_lora(state, patcher.model, concept.name)
     assert parsed.matched == parsed.total == layers and not parsed.needs_fallback
 

@@ -4,7 +4,8 @@
     python3 tools/host.py run -- tools/quality/train.py --seed 0 [--out tools/quality/models/seed-0]
 
 The base model learns the four shapes in washed-out colours from prompts naming them; each concept
-LoRA (rank 4 on every attention projection) learns its trigger word from images of the concept.
+LoRA (rank 8 on the transformer blocks' linear layers and the convolutions) learns its trigger word
+from images of the concept.
 Both use v-prediction on ComfyUI's own noise schedule through ``BaseModel.apply_model``, so what is
 trained is exactly what ComfyUI samples. Outputs: ``toy-base.safetensors`` and one ComfyUI-format
 ``toy-<concept>.safetensors`` per concept.
@@ -25,12 +26,14 @@ LORA_STEPS = 600
 BATCH = 32
 PROMPT_DROPOUT = 0.1
 LORA_RANK = 8
-LORA_TARGETS = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+LINEAR_TARGETS = re.compile(r"\.transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))$")
+CONV_TARGETS = re.compile(r"(\.(in_layers\.2|out_layers\.3)|^\.out\.2)$")
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
 
 class TrainableLoRA:
-    """Rank-r factors on every attention projection, added by forward hooks while training."""
+    """Rank-r factors on every transformer-block linear layer (LoRA) and every res-block and output
+    convolution (LoCon, as kohya's ``conv_dim``), added by forward hooks while training."""
 
     def __init__(self, unet, rank: int, seed: int):
         import torch
@@ -40,12 +43,30 @@ class TrainableLoRA:
         self.factors: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
         self.handles = []
         for name, layer in unet.named_modules():
-            if not LORA_TARGETS.search("." + name):
+            if LINEAR_TARGETS.search("." + name) and isinstance(layer, torch.nn.Linear):
+                down = torch.randn(rank, layer.in_features, generator=generator) / layer.in_features**0.5
+                up = torch.zeros(layer.out_features, rank)
+                hook = self.linear_hook
+            elif CONV_TARGETS.search("." + name) and isinstance(layer, torch.nn.Conv2d):
+                fan_in = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+                down = torch.randn(rank, layer.in_channels, *layer.kernel_size, generator=generator) / fan_in**0.5
+                up = torch.zeros(layer.out_channels, rank, 1, 1)
+                hook = self.conv_hook
+            else:
                 continue
-            down = torch.nn.Parameter(torch.randn(rank, layer.in_features, generator=generator) / layer.in_features**0.5)
-            up = torch.nn.Parameter(torch.zeros(layer.out_features, rank))
-            self.factors[name] = (down, up)
-            self.handles.append(layer.register_forward_hook(lambda _m, args, out, d=down, u=up: out + args[0] @ d.T @ u.T))
+            pair = (torch.nn.Parameter(down), torch.nn.Parameter(up))
+            self.factors[name] = pair
+            self.handles.append(layer.register_forward_hook(lambda m, args, out, p=pair, h=hook: out + h(m, args[0], *p)))
+
+    @staticmethod
+    def linear_hook(_layer, x, down, up):
+        return x @ down.T @ up.T
+
+    @staticmethod
+    def conv_hook(layer, x, down, up):
+        from torch.nn.functional import conv2d
+
+        return conv2d(conv2d(x, down, stride=layer.stride, padding=layer.padding), up)
 
     def parameters(self) -> list:
         return [p for pair in self.factors.values() for p in pair]
