@@ -1,7 +1,7 @@
 """The toy world's model: ComfyUI's own SD1.5 UNet class at a tiny size, and its token embedding.
 
-The model config is ComfyUI's ``SD15`` with a tiny UNet (three levels of 32/64/64 channels,
-attention at 16x16 and 8x8), 4 latent channels at scale 1 (the latent is the RGB image plus a
+The model config is ComfyUI's ``SD15`` with a tiny UNet (three levels of 32/32/64 channels,
+attention only at 8x8 so that it trains in minutes on a CPU), 4 latent channels at scale 1 (the latent is the RGB image plus a
 zero channel) and v-prediction. The "text encoder" is a learned embedding of the toy vocabulary;
 a prompt's conditioning is its padded token embeddings, as ComfyUI's CONDITIONING.
 
