@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import safetensors.torch
@@ -42,19 +44,19 @@ def test_shape_check_tells_a_red_square_from_the_ruby_disk():
 
 @pytest.fixture(scope="module")
 def toy_files(tmp_path_factory, engine):
-    """A toy base model and one concept LoRA, written the way train.py writes them (not trained)."""
+    """A toy base model and every concept's LoRA, written the way train.py writes them (not trained)."""
     from quality.train import LORA_RANK, TrainableLoRA
 
     folder = tmp_path_factory.mktemp("toy")
     model, embedding = toy_model.new_model(seed=3)
     toy_model.save_base(folder / toy_model.BASE_FILE, model, embedding)
-    lora = TrainableLoRA(model.diffusion_model, LORA_RANK, seed=4)
-    for _, up in lora.factors.values():
-        torch.nn.init.normal_(up, std=0.1)  # a trained LoRA's up factors are not zero
-    lora.remove()
-    concept = world.CONCEPTS_BY_NAME["ruby-disk"]
-    safetensors.torch.save_file(lora.state_dict(), str(folder / toy_model.lora_file(concept)))
-    return folder, concept, len(lora.factors)
+    for index, concept in enumerate(world.CONCEPTS):
+        lora = TrainableLoRA(model.diffusion_model, LORA_RANK, seed=4 + index)
+        for _, up in lora.factors.values():
+            torch.nn.init.normal_(up, std=0.1)  # a trained LoRA's up factors are not zero
+        lora.remove()
+        safetensors.torch.save_file(lora.state_dict(), str(folder / toy_model.lora_file(concept)))
+    return folder, world.CONCEPTS_BY_NAME["ruby-disk"], len(lora.factors)
 
 
 def test_toy_lora_is_read_fully_by_comfyuis_lora_loader_and_the_per_row_engine(engine, toy_files):
@@ -85,3 +87,37 @@ def test_toy_model_samples_through_every_method_of_the_harness(pack, toy_files, 
         scores = Scores(method, folder.name, [concept.name])
         score_images(images, scores.concepts, scores)
         assert len(scores.recall) == 2
+
+
+def test_tuning_scores_every_candidate_and_keeps_the_best(pack, toy_files, monkeypatch):
+    import folder_paths
+    from quality import tune
+    from quality.harness import ToyRun, combinations
+
+    folder, _, _ = toy_files
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", folder_paths.folder_names_and_paths["loras"])
+    monkeypatch.setattr(tune, "TUNING_GRID", {"merge": {"strength": (0.0, 1.0), "cfg": (1.0, 3.0)}})
+    monkeypatch.setattr(tune, "SIZES", (2,))
+    assert len(combinations([2], "tune")) == 4
+    logged = []
+    best, candidates = tune.tune_method([ToyRun(pack, folder, images=2, steps=2)], "merge", seed=1, log=logged.append)
+    # coordinate search: both strengths at the default cfg 3, then the other cfg at the better strength
+    tried = [c["settings"] for c in candidates]
+    assert tried[:2] == [{"cfg": 3.0, "strength": 0.0}, {"cfg": 3.0, "strength": 1.0}]
+    assert len(tried) == 3 and tried[2]["cfg"] == 1.0 and len(logged) == 3
+    scores = {json.dumps(c["settings"], sort_keys=True): (c["recall"], c["all_present"]) for c in candidates}
+    assert scores[json.dumps(best, sort_keys=True)] == max(scores.values())
+    assert all(0.0 <= c["recall"] <= 1.0 for c in candidates)
+
+
+def test_harness_uses_the_frozen_settings_and_the_defaults_for_untuned_methods(tmp_path, monkeypatch):
+    from quality import harness
+
+    monkeypatch.setattr(harness, "SETTINGS_FILE", tmp_path / "method_settings.json")
+    settings, source = harness.frozen_settings()
+    assert settings == harness.DEFAULT_SETTINGS and "not tuned" in source
+    (tmp_path / "method_settings.json").write_text(json.dumps({"settings": {"merge": {"cfg": 5.0, "strength": 0.5}}}))
+    settings, source = harness.frozen_settings()
+    assert settings["merge"] == {"cfg": 5.0, "strength": 0.5}
+    assert settings["loratorio"] == harness.DEFAULT_SETTINGS["loratorio"]
+    assert "not tuned, for switch, composite, loratorio" in source

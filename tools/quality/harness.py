@@ -2,7 +2,7 @@
 """Score composition methods in the toy world: every combination of concepts, each method through
 the pack's own nodes in real ComfyUI sampling, every image checked by the detector.
 
-    python3 tools/host.py run -- tools/quality/harness.py [--models DIR ...] [--images 64] [--steps 20]
+    python3 tools/host.py run -- tools/quality/harness.py [--models DIR ...] [--images 64] [--steps 12]
         [--sizes 2,3,4] [--methods merge,switch,composite,loratorio] [--out out/quality]
 
 For each training seed (a folder written by ``train.py``), each combination of N concepts and each
@@ -29,15 +29,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 METHODS = ("merge", "switch", "composite", "loratorio")
-# The settings of each method; see the README for how they were chosen.
-METHOD_SETTINGS = {
-    "merge": {"strength": 1.0},
-    "switch": {"tau": 2},
-    "composite": {},
-    "loratorio": {"patch_size": 2, "temperature": 0.05, "recentre_lambda": 0.5},
+# Each method's starting settings; tune.py chooses them on the tuning combinations and freezes its
+# choice in SETTINGS_FILE, which the harness uses when it exists.
+DEFAULT_SETTINGS = {
+    "merge": {"cfg": 3.0, "strength": 1.0},
+    "switch": {"cfg": 3.0, "tau": 2},
+    "composite": {"cfg": 3.0},
+    "loratorio": {"cfg": 3.0, "patch_size": 2, "temperature": 0.05, "recentre_lambda": 0.5},
 }
-SAMPLING = {"cfg": 3.0, "sampler_name": "euler", "scheduler": "normal"}
+SETTINGS_FILE = Path(__file__).resolve().parent / "method_settings.json"
+SAMPLING = {"cfg": 3.0, "sampler_name": "euler", "scheduler": "normal", "steps": 12}
 BOOTSTRAP_SAMPLES = 1000
+
+
+def frozen_settings() -> tuple[dict[str, dict], str]:
+    """Each method's settings (tuned ones from ``SETTINGS_FILE``, else the defaults) and a line saying which."""
+    tuned = json.loads(SETTINGS_FILE.read_text())["settings"] if SETTINGS_FILE.exists() else {}
+    settings = {method: tuned.get(method, DEFAULT_SETTINGS[method]) for method in METHODS}
+    untuned = [method for method in METHODS if method not in tuned]
+    source = "all tuned by tune.py" if not untuned else f"defaults, not tuned, for {', '.join(untuned)}"
+    return settings, source
 
 
 @dataclass
@@ -75,7 +86,7 @@ class ToyRun:
 
         from quality import toy_model
 
-        self.pack, self.images, self.steps = pack, images, steps
+        self.pack, self.images, self.steps, self.name = pack, images, steps, seed_dir.name
         self.model, self.table = toy_model.load_base(seed_dir / toy_model.BASE_FILE)
         folder_paths.folder_names_and_paths["loras"] = ([str(seed_dir)], folder_paths.supported_pt_extensions)
         folder_paths.filename_list_cache.pop("loras", None)
@@ -85,8 +96,11 @@ class ToyRun:
 
         return [(toy_model.lora_file(c), strength, strength) for c in concepts]
 
-    def generate(self, method: str, concepts, seed: int):
-        """``self.images`` images of ``method`` composing ``concepts``, as ``[B, H, W, 3]`` numpy in [0, 1]."""
+    def generate(self, method: str, concepts, seed: int, settings: dict | None = None):
+        """``self.images`` images of ``method`` composing ``concepts``, as ``[B, H, W, 3]`` numpy in [0, 1].
+
+        ``settings``: the method's node inputs and ``cfg`` (default: ``DEFAULT_SETTINGS``; the controls
+        base and single use ``SAMPLING``'s cfg and strength 1)."""
         import nodes as comfy_nodes
         import torch
 
@@ -95,7 +109,8 @@ class ToyRun:
         positive = toy_model.conditioning(self.table, world.combination_prompt(list(concepts)))
         negative = toy_model.conditioning(self.table, [])
         latent = {"samples": torch.zeros(self.images, world.LATENT_CHANNELS, world.IMAGE_SIZE, world.IMAGE_SIZE)}
-        settings = METHOD_SETTINGS.get(method, {})
+        settings = dict(DEFAULT_SETTINGS.get(method, {}) if settings is None else settings)
+        cfg = settings.pop("cfg", SAMPLING["cfg"])
         ksampler = {
             "seed": seed,
             "steps": self.steps,
@@ -112,7 +127,7 @@ class ToyRun:
                 merged,
                 seed,
                 self.steps,
-                SAMPLING["cfg"],
+                cfg,
                 SAMPLING["sampler_name"],
                 SAMPLING["scheduler"],
                 positive,
@@ -125,7 +140,7 @@ class ToyRun:
             ]
             extra = {"top_k": 0, "top_k_mode": "image", **settings} if method == "loratorio" else dict(settings)
             result = node().sample(
-                self.model, positive, negative, self.stack(concepts), SAMPLING["cfg"], latent, denoise=1.0, **ksampler, **extra
+                self.model, positive, negative, self.stack(concepts), cfg, latent, denoise=1.0, **ksampler, **extra
             )
             out = (result["result"] if isinstance(result, dict) else result)[0]
         return world.as_images(out["samples"]).numpy()
@@ -214,6 +229,35 @@ def save_grid(samples: dict[str, list], path: Path) -> None:
     sheet.save(path)
 
 
+def scored(toy: ToyRun, method: str, combo, seed: int, settings: dict | None = None):
+    """Generate ``combo`` with ``method`` and score every image: ``(Scores, images)``."""
+    scores = Scores(method, toy.name, [c.name for c in combo])
+    images = toy.generate(method, combo, seed, settings)
+    score_images(images, scores.concepts, scores)
+    return scores, images
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        sys.exit(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+def seed_folders(given: list[Path] | None) -> list[Path]:
+    """The training-seed folders to score, each checked for a base model."""
+    from quality.toy_model import BASE_FILE
+
+    folders = given or sorted(MODELS_DIR.glob("seed-*"))
+    if not folders:
+        sys.exit(f"no trained models in {MODELS_DIR}; run tools/quality/train.py first")
+    for folder in folders:
+        if not (folder / BASE_FILE).is_file():
+            sys.exit(f"{folder} has no {BASE_FILE}; train it with tools/quality/train.py --out {folder}")
+    return folders
+
+
 def main() -> int:
     from host_env import comfyui_on_path, load_pack
 
@@ -223,7 +267,7 @@ def main() -> int:
         "--models", type=Path, nargs="*", help="training-seed folders (default: every tools/quality/models/seed-*)"
     )
     parser.add_argument("--images", type=int, default=64, help="images per combination, method and training seed")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=SAMPLING["steps"])
     parser.add_argument("--sizes", default="2,3,4", help="numbers of concepts to combine")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument(
@@ -232,6 +276,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1, help="the sampling seed (each image of the batch gets its own noise)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent.parent / "out" / "quality")
     options = parser.parse_args()
+    methods = parse_methods(options.methods)
+    seed_dirs = seed_folders(options.models)
     pack = load_pack()
     import comfy.utils
 
@@ -239,13 +285,7 @@ def main() -> int:
 
     from quality.world import CONCEPTS
 
-    seed_dirs = options.models or sorted(MODELS_DIR.glob("seed-*"))
-    if not seed_dirs:
-        sys.exit(f"no trained models in {MODELS_DIR}; run tools/quality/train.py first")
-    methods = [m.strip() for m in options.methods.split(",") if m.strip()]
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        sys.exit(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    settings, settings_source = frozen_settings()
     sizes = [int(n) for n in options.sizes.split(",")]
     runs: list[Scores] = []
     grid: dict[str, list] = {}
@@ -254,16 +294,12 @@ def main() -> int:
         toy = ToyRun(pack, seed_dir, options.images, options.steps)
         for concept in CONCEPTS:
             for control in ("base", "single"):  # the trigger word without its LoRA (the floor); the LoRA alone (the ceiling)
-                scores = Scores(control, seed_dir.name, [concept.name])
-                images = toy.generate(control, [concept], options.seed)
-                score_images(images, scores.concepts, scores)
+                scores, images = scored(toy, control, [concept], options.seed)
                 runs.append(scores)
                 grid.setdefault(control, []).append(images[0])
         for combo in combinations(sizes, options.split):
             for method in methods:
-                scores = Scores(method, seed_dir.name, [c.name for c in combo])
-                images = toy.generate(method, combo, options.seed)
-                score_images(images, scores.concepts, scores)
+                scores, images = scored(toy, method, combo, options.seed, settings[method])
                 runs.append(scores)
                 grid.setdefault(method, []).extend(images[:1])
             print(
@@ -272,13 +308,16 @@ def main() -> int:
             )
     rows = summarise(runs)
     options.out.mkdir(parents=True, exist_ok=True)
+    described = "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in settings[m].items()) for m in methods)
     header = (
         f"Toy-world composition quality ({options.split} combinations): {len(seed_dirs)} training seed(s), "
-        f"{options.images} images per combination, "
-        f"{options.steps} {SAMPLING['sampler_name']} steps, cfg {SAMPLING['cfg']}; mean [95% bootstrap interval]. "
-        "At N = 1, base = the trigger word without its LoRA (the floor), single = the LoRA alone (the ceiling)."
+        f"{options.images} images per combination, {options.steps} {SAMPLING['sampler_name']} steps; "
+        f"mean [95% bootstrap interval]. Method settings ({settings_source}): {described}; controls at cfg "
+        f"{SAMPLING['cfg']}. At N = 1, base = the trigger word without its LoRA (the floor), single = the LoRA "
+        "alone (the ceiling)."
     )
-    (options.out / "results.json").write_text(json.dumps({"rows": rows, "runs": [asdict(r) for r in runs]}, indent=1))
+    report = {"settings": settings, "settings_source": settings_source, "rows": rows, "runs": [asdict(r) for r in runs]}
+    (options.out / "results.json").write_text(json.dumps(report, indent=1))
     table = markdown(rows, header)
     (options.out / "results.md").write_text(table)
     save_grid({method: images[:12] for method, images in grid.items()}, options.out / "grid.png")

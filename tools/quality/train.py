@@ -147,6 +147,7 @@ def main() -> int:
     parser.add_argument("--base-steps", type=int, default=BASE_STEPS)
     parser.add_argument("--lora-steps", type=int, default=LORA_STEPS)
     parser.add_argument("--reuse-base", action="store_true", help="train only the LoRAs, on the base model already in --out")
+    parser.add_argument("--concepts", help="comma-separated concept names to train (default: all)")
     options = parser.parse_args()
     out = options.out or MODELS_DIR / f"seed-{options.seed}"
 
@@ -154,6 +155,13 @@ def main() -> int:
     import torch
 
     from quality import toy_model, world
+
+    names = [c.name for c in world.CONCEPTS]
+    wanted = [n.strip() for n in options.concepts.split(",")] if options.concepts else names
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        sys.exit(f"unknown concepts {unknown}; choose from {', '.join(names)}")
+    out.mkdir(parents=True, exist_ok=True)
 
     generator = torch.Generator().manual_seed(options.seed)
     if options.reuse_base:
@@ -171,10 +179,12 @@ def main() -> int:
         toy_model.save_base(out / toy_model.BASE_FILE, model, embedding)
         print(f"[train] wrote {out / toy_model.BASE_FILE}")
 
-    generator.manual_seed(options.seed + 1)  # the LoRAs' data, the same with or without --reuse-base
     model.requires_grad_(False)
     embedding.requires_grad_(False)
     for index, concept in enumerate(world.CONCEPTS):
+        if concept.name not in wanted:
+            continue
+        generator.manual_seed(10_000 + options.seed * 100 + index)  # each LoRA's own data stream, so any subset reproduces
         lora = TrainableLoRA(model.diffusion_model, LORA_RANK, seed=options.seed * 100 + index)
 
         def lora_step(concept=concept):

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Choose each composition method's settings on the tuning combinations, then freeze them.
+
+    python3 tools/host.py run -- tools/quality/tune.py [--models DIR ...] [--images 16] [--methods ...]
+
+Coordinate search from the harness's defaults: for each parameter of ``TUNING_GRID`` in order, every
+value is scored with the others held at the best found so far, and the best value is kept. The score
+is the mean shape-checked element recall over the tuning third of the combinations (``harness.
+combinations(split="tune")``; the test split is never seen), ties broken by the all-present rate.
+The choice, with every candidate's score, is written to ``harness.SETTINGS_FILE``, which the
+harness then uses as is. ``--methods`` re-tunes some methods and keeps the others' frozen choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from quality.harness import (
+    DEFAULT_SETTINGS,
+    METHODS,
+    SAMPLING,
+    SETTINGS_FILE,
+    ToyRun,
+    combinations,
+    parse_methods,
+    scored,
+    seed_folders,
+)
+
+# Values tried per parameter, in the order they are tuned. merge: the weight of each LoRA in the
+# merge; switch: tau, steps per adapter; loratorio: patch side (latent pixels), SoftMin temperature T
+# and the re-centring weight lambda.
+TUNING_GRID: dict[str, dict[str, tuple]] = {
+    "merge": {"strength": (0.5, 0.75, 1.0, 1.25), "cfg": (3.0, 5.0, 7.0)},
+    "switch": {"tau": (1, 2, 4), "cfg": (3.0, 5.0, 7.0)},
+    "composite": {"cfg": (3.0, 5.0, 7.0)},
+    "loratorio": {
+        "patch_size": (1, 2, 4, 8),
+        "temperature": (0.01, 0.05, 0.2),
+        "recentre_lambda": (0.5, 1.0),
+        "cfg": (3.0, 5.0, 7.0),
+    },
+}
+SIZES = (2, 3, 4)
+
+
+def tune_method(runs: list[ToyRun], method: str, seed: int, log) -> tuple[dict, list[dict]]:
+    """Coordinate search for one method: ``(best settings, every candidate with its scores)``."""
+    combos = combinations(list(SIZES), "tune")
+    candidates: dict[str, dict] = {}
+
+    def evaluate(settings: dict) -> tuple[float, float]:
+        key = json.dumps(settings, sort_keys=True)
+        if key not in candidates:
+            recall, present = [], []
+            for toy in runs:
+                for combo in combos:
+                    scores, _ = scored(toy, method, combo, seed, settings)
+                    recall += scores.recall
+                    present += scores.all_present
+            candidate = {"settings": settings, "recall": sum(recall) / len(recall), "all_present": sum(present) / len(present)}
+            candidates[key] = candidate
+            log(f"{method} {settings}: recall {candidate['recall']:.3f}, all present {candidate['all_present']:.3f}")
+        return candidates[key]["recall"], candidates[key]["all_present"]
+
+    best = dict(DEFAULT_SETTINGS[method])
+    for parameter, values in TUNING_GRID[method].items():
+        best = max(({**best, parameter: value} for value in values), key=evaluate)
+    return best, list(candidates.values())
+
+
+def main() -> int:
+    from host_env import comfyui_on_path, load_pack
+
+    comfyui_on_path("quality/tune.py")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--models", type=Path, nargs="*", help="training-seed folders (default: every tools/quality/models/seed-*)"
+    )
+    parser.add_argument("--images", type=int, default=16, help="images per tuning combination and training seed")
+    parser.add_argument("--steps", type=int, default=SAMPLING["steps"])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seed", type=int, default=2, help="the sampling seed (the harness's test runs use 1)")
+    options = parser.parse_args()
+    methods = parse_methods(options.methods)
+    seed_dirs = seed_folders(options.models)
+    pack = load_pack()
+    import comfy.utils
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"[tune] {message} ({time.monotonic() - started:.0f} s)", flush=True)
+
+    frozen = json.loads(SETTINGS_FILE.read_text()) if SETTINGS_FILE.exists() else {"settings": {}, "tuning": {}}
+    runs = [ToyRun(pack, folder, options.images, options.steps) for folder in seed_dirs]
+    for method in methods:
+        best, candidates = tune_method(runs, method, options.seed, log)
+        frozen["settings"][method] = best
+        frozen["tuning"][method] = {
+            "models": [folder.name for folder in seed_dirs],
+            "combinations": ["+".join(c.name for c in combo) for combo in combinations(list(SIZES), "tune")],
+            "images": options.images,
+            "steps": options.steps,
+            "sampling_seed": options.seed,
+            "candidates": candidates,
+        }
+        SETTINGS_FILE.write_text(json.dumps(frozen, indent=1) + "\n")
+        log(f"{method}: chose {best}; wrote {SETTINGS_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
