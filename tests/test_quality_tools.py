@@ -121,3 +121,17 @@ def test_harness_uses_the_frozen_settings_and_the_defaults_for_untuned_methods(t
     assert settings["merge"] == {"cfg": 5.0, "strength": 0.5}
     assert settings["loratorio"] == harness.DEFAULT_SETTINGS["loratorio"]
     assert "not tuned, for switch, composite, loratorio" in source
+
+
+def test_compare_flags_only_means_beyond_the_tolerance():
+    from quality.harness import differences
+
+    def row(method, n, recall, present):
+        return {"method": method, "n": n, "recall": (recall, 0, 1), "all_present": (present, 0, 1)}
+
+    reference = [row("loratorio", 2, 0.60, 0.30), row("merge", 2, 0.10, 0.0)]
+    assert differences([row("loratorio", 2, 0.65, 0.25), row("merge", 3, 0.9, 0.9)], reference, 0.1) == []
+    assert differences([row("loratorio", 2, 0.45, 0.30), row("merge", 2, 0.10, 0.25)], reference, 0.1) == [
+        "loratorio N=2 recall: 0.45, reference 0.60",
+        "merge N=2 all_present: 0.25, reference 0.00",
+    ]

@@ -12,7 +12,9 @@ its trigger word without any LoRA (the floor) and its LoRA merged at strength 1 
 Reported per method and N, with 95% bootstrap intervals (training seeds resampled, then images):
 element recall (shape-checked and colour-only), the rate of images with every element, of empty
 images (no concept at all) and of images with a concept that was not asked for. Writes
-``results.json``, ``results.md`` and ``grid.png`` under ``--out``.
+``summary.json`` (the table's numbers), ``results.json`` (with every image's scores),
+``results.md`` and ``grid.png`` under ``--out``. ``--compare`` checks the means against another
+run's ``summary.json``, e.g. a fresh training run's against the shipped models'.
 """
 
 from __future__ import annotations
@@ -212,6 +214,19 @@ def markdown(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def differences(rows: list[dict], reference: list[dict], tolerance: float) -> list[str]:
+    """The (method, N) rows whose mean recall or all-present rate differs from ``reference``'s by
+    more than ``tolerance``, one line each; rows missing from either side are not compared."""
+    expected = {(row["method"], row["n"]): row for row in reference}
+    found = []
+    for row in rows:
+        other = expected.get((row["method"], row["n"]))
+        for metric in ("recall", "all_present"):
+            if other is not None and abs(row[metric][0] - other[metric][0]) > tolerance:
+                found.append(f"{row['method']} N={row['n']} {metric}: {row[metric][0]:.2f}, reference {other[metric][0]:.2f}")
+    return found
+
+
 def save_grid(samples: dict[str, list], path: Path) -> None:
     """One row per method (and the single-LoRA row), a few images each, upscaled for viewing."""
     import numpy as np
@@ -275,7 +290,14 @@ def main() -> int:
     )
     parser.add_argument("--seed", type=int, default=1, help="the sampling seed (each image of the batch gets its own noise)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent.parent / "out" / "quality")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        help="a summary.json to compare with (e.g. the shipped models' in tools/quality/reference/); exit 1 if they differ",
+    )
+    parser.add_argument("--tolerance", type=float, default=0.1, help="largest difference of a mean allowed by --compare")
     options = parser.parse_args()
+    reference = json.loads(options.compare.read_text())["rows"] if options.compare else None
     methods = parse_methods(options.methods)
     seed_dirs = seed_folders(options.models)
     pack = load_pack()
@@ -316,12 +338,19 @@ def main() -> int:
         f"{SAMPLING['cfg']}. At N = 1, base = the trigger word without its LoRA (the floor), single = the LoRA "
         "alone (the ceiling)."
     )
-    report = {"settings": settings, "settings_source": settings_source, "rows": rows, "runs": [asdict(r) for r in runs]}
-    (options.out / "results.json").write_text(json.dumps(report, indent=1))
+    summary = {"header": header, "settings": settings, "settings_source": settings_source, "rows": rows}
+    (options.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (options.out / "results.json").write_text(json.dumps({**summary, "runs": [asdict(r) for r in runs]}))
     table = markdown(rows, header)
     (options.out / "results.md").write_text(table)
     save_grid({method: images[:12] for method, images in grid.items()}, options.out / "grid.png")
     print(table)
+    if reference is not None:
+        differing = differences(rows, reference, options.tolerance)
+        for line in differing:
+            print(f"[quality] differs from {options.compare}: {line}")
+        print(f"[quality] {len(differing)} of the compared means differ by more than {options.tolerance}")
+        return 1 if differing else 0
     return 0
 
 

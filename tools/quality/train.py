@@ -76,14 +76,15 @@ class TrainableLoRA:
             handle.remove()
 
     def state_dict(self) -> dict:
-        """ComfyUI's own LoRA key format: ``diffusion_model.<layer>.lora_up/lora_down.weight`` and ``.alpha``."""
+        """ComfyUI's own LoRA key format: ``diffusion_model.<layer>.lora_up/lora_down.weight`` (fp16, as
+        LoRAs are usually shared) and ``.alpha``."""
         import torch
 
         tensors = {}
         for name, (down, up) in self.factors.items():
             key = f"diffusion_model.{name}"
-            tensors[f"{key}.lora_down.weight"] = down.detach().contiguous()
-            tensors[f"{key}.lora_up.weight"] = up.detach().contiguous()
+            tensors[f"{key}.lora_down.weight"] = down.detach().to(torch.float16).contiguous()
+            tensors[f"{key}.lora_up.weight"] = up.detach().to(torch.float16).contiguous()
             tensors[f"{key}.alpha"] = torch.tensor(float(self.rank))
         return tensors
 
