@@ -135,3 +135,24 @@ def test_compare_flags_only_means_beyond_the_tolerance():
         "loratorio N=2 recall: 0.45, reference 0.60",
         "merge N=2 all_present: 0.25, reference 0.00",
     ]
+
+
+def test_paired_differences_give_a_verdict_only_when_the_interval_excludes_zero():
+    from quality.harness import Scores, paired_differences
+
+    def scores(method, seed, recall):
+        return Scores(method, seed, ["ruby-disk", "cobalt-square"], recall=recall)
+
+    runs = []
+    for seed in ("seed-0", "seed-1", "seed-2"):
+        runs += [
+            scores("loratorio", seed, [1.0, 0.5] * 32),
+            scores("merge", seed, [0.0, 0.5] * 32),  # always lower: better
+            scores("composite", seed, [0.5, 1.0] * 32),  # lower on half the images, higher on the rest: no difference
+            scores("switch", seed, [1.0, 1.0] * 32),  # never lower, higher on half: worse
+        ]
+    verdicts = {row["other"]: row for row in paired_differences(runs)}
+    assert {row["n"] for row in verdicts.values()} == {2}
+    assert verdicts["merge"]["verdict"] == "better" and verdicts["merge"]["difference"][0] == 0.5
+    assert verdicts["composite"]["verdict"] == "no clear difference" and verdicts["composite"]["difference"][0] == 0.0
+    assert verdicts["switch"]["verdict"] == "worse" and verdicts["switch"]["difference"][0] == -0.25

@@ -196,6 +196,32 @@ def summarise(runs: list[Scores]) -> list[dict]:
     return rows
 
 
+def paired_differences(runs: list[Scores], challenger: str = "loratorio") -> list[dict]:
+    """Per N and other method, ``challenger``'s recall minus the other's, image by image (the same
+    sampling seed gives both the same starting noise), with a 95% bootstrap interval (training seeds,
+    then images) and a verdict: better or worse when the interval excludes 0, else no clear difference."""
+    import numpy as np
+
+    generator = np.random.default_rng(1)
+    by_key = {(r.method, r.training_seed, tuple(r.concepts)): r for r in runs}
+    rows = []
+    for size in sorted({len(r.concepts) for r in runs if r.method == challenger}):
+        for other in (m for m in METHODS if m != challenger):
+            per_seed: dict[str, list[float]] = {}
+            for (method, seed, concepts), mine in by_key.items():
+                theirs = by_key.get((other, seed, concepts))
+                if method == challenger and len(concepts) == size and theirs is not None:
+                    per_seed.setdefault(seed, []).extend(np.subtract(mine.recall, theirs.recall).tolist())
+            if not per_seed:
+                continue
+            mean, low, high = bootstrap_interval(list(per_seed.values()), generator)
+            verdict = "better" if low > 0 else "worse" if high < 0 else "no clear difference"
+            rows.append(
+                {"n": size, "challenger": challenger, "other": other, "difference": (mean, low, high), "verdict": verdict}
+            )
+    return rows
+
+
 def markdown(rows: list[dict], header: str) -> str:
     def cell(value: tuple[float, float, float]) -> str:
         return f"{value[0]:.2f} [{value[1]:.2f}, {value[2]:.2f}]"
@@ -211,6 +237,17 @@ def markdown(rows: list[dict], header: str) -> str:
             f"| {row['method']} | {row['n']} | {cell(row['recall'])} | {cell(row['colour_recall'])} | {cell(row['all_present'])} "
             f"| {cell(row['empty'])} | {cell(row['wrong'])} | {row['images']} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def differences_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| N | LoRAtorio recall minus | difference [95% interval] | verdict |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        mean, low, high = row["difference"]
+        lines.append(f"| {row['n']} | {row['other']} | {mean:+.2f} [{low:+.2f}, {high:+.2f}] | {row['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -328,7 +365,7 @@ def main() -> int:
                 f"[quality] {seed_dir.name} {'+'.join(c.trigger for c in combo)} done ({time.monotonic() - started:.0f} s)",
                 flush=True,
             )
-    rows = summarise(runs)
+    rows, compared = summarise(runs), paired_differences(runs)
     options.out.mkdir(parents=True, exist_ok=True)
     described = "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in settings[m].items()) for m in methods)
     header = (
@@ -338,10 +375,16 @@ def main() -> int:
         f"{SAMPLING['cfg']}. At N = 1, base = the trigger word without its LoRA (the floor), single = the LoRA "
         "alone (the ceiling)."
     )
-    summary = {"header": header, "settings": settings, "settings_source": settings_source, "rows": rows}
+    summary = {
+        "header": header,
+        "settings": settings,
+        "settings_source": settings_source,
+        "rows": rows,
+        "loratorio_versus": compared,
+    }
     (options.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (options.out / "results.json").write_text(json.dumps({**summary, "runs": [asdict(r) for r in runs]}))
-    table = markdown(rows, header)
+    table = markdown(rows, header) + "\n" + differences_markdown(compared)
     (options.out / "results.md").write_text(table)
     save_grid({method: images[:12] for method, images in grid.items()}, options.out / "grid.png")
     print(table)
