@@ -98,7 +98,7 @@ def test_tuning_scores_every_candidate_and_keeps_the_best(pack, toy_files, monke
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", folder_paths.folder_names_and_paths["loras"])
     monkeypatch.setattr(tune, "TUNING_GRID", {"merge": {"strength": (0.0, 1.0), "cfg": (1.0, 3.0)}})
     monkeypatch.setattr(tune, "SIZES", (2,))
-    assert len(combinations([2], "tune")) == 4
+    assert len(combinations([2], "tune")) == 3
     logged = []
     best, candidates = tune.tune_method([ToyRun(pack, folder, images=2, steps=2)], "merge", seed=1, log=logged.append)
     # coordinate search: both strengths at the default cfg 3, then the other cfg at the better strength
@@ -124,14 +124,14 @@ def test_harness_uses_the_frozen_settings_and_the_defaults_for_untuned_methods(t
 
 
 def test_compare_flags_only_means_beyond_the_tolerance():
-    from quality.harness import differences
+    from quality.harness import means_beyond_tolerance
 
     def row(method, n, recall, present):
         return {"method": method, "n": n, "recall": (recall, 0, 1), "all_present": (present, 0, 1)}
 
     reference = [row("loratorio", 2, 0.60, 0.30), row("merge", 2, 0.10, 0.0)]
-    assert differences([row("loratorio", 2, 0.65, 0.25), row("merge", 3, 0.9, 0.9)], reference, 0.1) == []
-    assert differences([row("loratorio", 2, 0.45, 0.30), row("merge", 2, 0.10, 0.25)], reference, 0.1) == [
+    assert means_beyond_tolerance([row("loratorio", 2, 0.65, 0.25), row("merge", 3, 0.9, 0.9)], reference, 0.1) == []
+    assert means_beyond_tolerance([row("loratorio", 2, 0.45, 0.30), row("merge", 2, 0.10, 0.25)], reference, 0.1) == [
         "loratorio N=2 recall: 0.45, reference 0.60",
         "merge N=2 all_present: 0.25, reference 0.00",
     ]
@@ -156,3 +156,40 @@ def test_paired_differences_give_a_verdict_only_when_the_interval_excludes_zero(
     assert verdicts["merge"]["verdict"] == "better" and verdicts["merge"]["difference"][0] == 0.5
     assert verdicts["composite"]["verdict"] == "no clear difference" and verdicts["composite"]["difference"][0] == 0.0
     assert verdicts["switch"]["verdict"] == "worse" and verdicts["switch"]["difference"][0] == -0.25
+
+
+def test_tuning_and_test_combinations_split_every_combination_and_tuning_weighs_concepts_evenly():
+    from collections import Counter
+
+    from quality.harness import TUNING_COMBINATIONS, combinations
+
+    tune, test, every = (combinations([2, 3, 4], split) for split in ("tune", "test", "all"))
+    assert len(every) == 10 + 10 + 5 and not set(tune) & set(test) and set(tune) | set(test) == set(every)
+    assert [tuple(c.name for c in combo) for combo in tune] == list(TUNING_COMBINATIONS)  # every listed name exists
+    appearances = Counter(concept.name for combo in tune for concept in combo)
+    assert set(appearances) == {c.name for c in world.CONCEPTS} and set(appearances.values()) <= {4, 5}
+
+
+def test_runs_made_side_by_side_combine_into_one_report_and_mismatched_ones_are_refused(tmp_path):
+    from quality.harness import DEFAULT_SETTINGS, Scores, combined_runs, write_report
+
+    sampling = {"split": "test", "images": 2, "steps": 12, "seed": 1}
+    for seed, recall in (("seed-0", [1.0, 0.5]), ("seed-1", [0.0, 0.5])):
+        runs = [
+            Scores(m, seed, ["ruby-disk", "cobalt-square"], recall=recall, all_present=[True, False])
+            for m in ("merge", "loratorio")
+        ]
+        for run in runs:
+            run.colour_recall, run.empty, run.wrong = list(recall), [False, False], [False, False]
+        write_report(tmp_path / seed, runs, {**sampling, "training_seeds": [seed]}, DEFAULT_SETTINGS, "defaults")
+    runs, combined, _, _ = combined_runs([tmp_path / "seed-0" / "results.json", tmp_path / "seed-1" / "results.json"])
+    assert combined["training_seeds"] == ["seed-0", "seed-1"] and len(runs) == 4
+    table = write_report(tmp_path / "both", runs, combined, DEFAULT_SETTINGS, "defaults")
+    assert "2 training seed(s)" in table and "| loratorio | 2 | 0.50 [" in table
+    with pytest.raises(SystemExit, match="more than one"):
+        combined_runs([tmp_path / "seed-0" / "results.json", tmp_path / "seed-0" / "results.json"])
+    altered = json.loads((tmp_path / "seed-1" / "results.json").read_text())
+    altered["sampling"]["images"] = 64
+    (tmp_path / "altered.json").write_text(json.dumps(altered))
+    with pytest.raises(SystemExit, match="differ in sampling"):
+        combined_runs([tmp_path / "seed-0" / "results.json", tmp_path / "altered.json"])

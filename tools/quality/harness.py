@@ -148,15 +148,30 @@ class ToyRun:
         return world.as_images(out["samples"]).numpy()
 
 
+# The combinations methods are tuned on (the test split is every other one): three pairs, three
+# triples and two quadruples in which each concept appears four or five times, so no concept weighs
+# more than the others in the choice of settings.
+TUNING_COMBINATIONS = (
+    ("ruby-disk", "amber-triangle"),
+    ("ruby-disk", "cobalt-square"),
+    ("lemon-stripe", "dusk-style"),
+    ("ruby-disk", "amber-triangle", "cobalt-square"),
+    ("ruby-disk", "amber-triangle", "lemon-stripe"),
+    ("amber-triangle", "cobalt-square", "dusk-style"),
+    ("ruby-disk", "cobalt-square", "lemon-stripe", "dusk-style"),
+    ("amber-triangle", "cobalt-square", "lemon-stripe", "dusk-style"),
+)
+
+
 def combinations(sizes: list[int], split: str = "all") -> list[tuple]:
-    """Every combination of ``sizes`` concepts; ``split`` keeps the tuning third (every third one
-    in a fixed order, on which method settings are chosen) or the held-out test rest."""
+    """Every combination of ``sizes`` concepts; ``split`` keeps the tuning ones (``TUNING_COMBINATIONS``,
+    on which method settings are chosen) or the held-out test rest."""
     from quality.world import CONCEPTS
 
     every = [combo for n in sizes for combo in itertools.combinations(CONCEPTS, n)]
     if split == "all":
         return every
-    return [combo for index, combo in enumerate(every) if (index % 3 == 0) == (split == "tune")]
+    return [combo for combo in every if (tuple(c.name for c in combo) in TUNING_COMBINATIONS) == (split == "tune")]
 
 
 def bootstrap_interval(per_seed: list[list[float]], generator) -> tuple[float, float, float]:
@@ -251,7 +266,7 @@ def differences_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def differences(rows: list[dict], reference: list[dict], tolerance: float) -> list[str]:
+def means_beyond_tolerance(rows: list[dict], reference: list[dict], tolerance: float) -> list[str]:
     """The (method, N) rows whose mean recall or all-present rate differs from ``reference``'s by
     more than ``tolerance``, one line each; rows missing from either side are not compared."""
     expected = {(row["method"], row["n"]): row for row in reference}
@@ -310,6 +325,76 @@ def seed_folders(given: list[Path] | None) -> list[Path]:
     return folders
 
 
+def generate_runs(pack, seed_dir: Path, options, settings: dict, methods: list[str], grid: dict) -> list[Scores]:
+    """Every control and every (combination, method) of one training seed, scored; first images go to ``grid``."""
+    from quality.world import CONCEPTS
+
+    toy = ToyRun(pack, seed_dir, options.images, options.steps)
+    runs, started = [], time.monotonic()
+    for concept in CONCEPTS:
+        for control in ("base", "single"):  # the trigger word without its LoRA (the floor); the LoRA alone (the ceiling)
+            scores, images = scored(toy, control, [concept], options.seed)
+            runs.append(scores)
+            grid.setdefault(control, []).append(images[0])
+    for combo in combinations([int(n) for n in options.sizes.split(",")], options.split):
+        for method in methods:
+            scores, images = scored(toy, method, combo, options.seed, settings[method])
+            runs.append(scores)
+            grid.setdefault(method, []).extend(images[:1])
+        print(
+            f"[quality] {seed_dir.name} {'+'.join(c.trigger for c in combo)} done ({time.monotonic() - started:.0f} s)",
+            flush=True,
+        )
+    return runs
+
+
+def combined_runs(paths: list[Path]) -> tuple[list[Scores], dict, dict, str]:
+    """The runs of several ``results.json`` (e.g. one per training seed, run side by side), which must
+    share their sampling and settings: ``(runs, sampling, settings, settings_source)``."""
+    loaded = [(path, json.loads(path.read_text())) for path in paths]
+    first_path, first = loaded[0]
+
+    def options_of(report: dict) -> tuple[dict, dict]:
+        return {k: v for k, v in report["sampling"].items() if k != "training_seeds"}, report["settings"]
+
+    for path, other in loaded[1:]:
+        if options_of(other) != options_of(first):
+            sys.exit(f"{path} and {first_path} differ in sampling or method settings; combine only runs made alike")
+    seeds = [seed for _, report in loaded for seed in report["sampling"]["training_seeds"]]
+    if len(seeds) != len(set(seeds)):
+        sys.exit(f"a training seed appears in more than one of the combined results: {sorted(seeds)}")
+    runs = [Scores(**run) for _, report in loaded for run in report["runs"]]
+    return runs, {**first["sampling"], "training_seeds": seeds}, first["settings"], first["settings_source"]
+
+
+def write_report(out: Path, runs: list[Scores], sampling: dict, settings: dict, settings_source: str) -> str:
+    """``summary.json``, ``results.json`` and ``results.md`` under ``out``; returns the Markdown."""
+    rows, compared = summarise(runs), paired_differences(runs)
+    methods = [m for m in METHODS if any(r.method == m for r in runs)]
+    described = "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in settings[m].items()) for m in methods)
+    header = (
+        f"Toy-world composition quality ({sampling['split']} combinations): {len(sampling['training_seeds'])} training "
+        f"seed(s), {sampling['images']} images per combination, {sampling['steps']} {SAMPLING['sampler_name']} steps; "
+        f"mean [95% bootstrap interval]. Method settings ({settings_source}): {described}; controls at cfg "
+        f"{SAMPLING['cfg']}. At N = 1, base = the trigger word without its LoRA (the floor), single = the LoRA "
+        "alone (the ceiling)."
+    )
+    summary = {
+        "header": header,
+        "sampling": sampling,
+        "settings": settings,
+        "settings_source": settings_source,
+        "rows": rows,
+        "loratorio_versus": compared,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps({**summary, "runs": [asdict(r) for r in runs]}))
+    table = markdown(rows, header) + "\n" + differences_markdown(compared)
+    (out / "results.md").write_text(table)
+    return table
+
+
 def main() -> int:
     from host_env import comfyui_on_path, load_pack
 
@@ -328,6 +413,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1, help="the sampling seed (each image of the batch gets its own noise)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent.parent / "out" / "quality")
     parser.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        help="generate nothing: report the runs of these results.json files together (e.g. one per training seed)",
+    )
+    parser.add_argument(
         "--compare",
         type=Path,
         help="a summary.json to compare with (e.g. the shipped models' in tools/quality/reference/); exit 1 if they differ",
@@ -335,61 +426,31 @@ def main() -> int:
     parser.add_argument("--tolerance", type=float, default=0.1, help="largest difference of a mean allowed by --compare")
     options = parser.parse_args()
     reference = json.loads(options.compare.read_text())["rows"] if options.compare else None
-    methods = parse_methods(options.methods)
-    seed_dirs = seed_folders(options.models)
-    pack = load_pack()
-    import comfy.utils
+    if options.combine:
+        runs, sampling, settings, settings_source = combined_runs(options.combine)
+    else:
+        methods = parse_methods(options.methods)
+        seed_dirs = seed_folders(options.models)
+        pack = load_pack()
+        import comfy.utils
 
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-
-    from quality.world import CONCEPTS
-
-    settings, settings_source = frozen_settings()
-    sizes = [int(n) for n in options.sizes.split(",")]
-    runs: list[Scores] = []
-    grid: dict[str, list] = {}
-    started = time.monotonic()
-    for seed_dir in seed_dirs:
-        toy = ToyRun(pack, seed_dir, options.images, options.steps)
-        for concept in CONCEPTS:
-            for control in ("base", "single"):  # the trigger word without its LoRA (the floor); the LoRA alone (the ceiling)
-                scores, images = scored(toy, control, [concept], options.seed)
-                runs.append(scores)
-                grid.setdefault(control, []).append(images[0])
-        for combo in combinations(sizes, options.split):
-            for method in methods:
-                scores, images = scored(toy, method, combo, options.seed, settings[method])
-                runs.append(scores)
-                grid.setdefault(method, []).extend(images[:1])
-            print(
-                f"[quality] {seed_dir.name} {'+'.join(c.trigger for c in combo)} done ({time.monotonic() - started:.0f} s)",
-                flush=True,
-            )
-    rows, compared = summarise(runs), paired_differences(runs)
-    options.out.mkdir(parents=True, exist_ok=True)
-    described = "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in settings[m].items()) for m in methods)
-    header = (
-        f"Toy-world composition quality ({options.split} combinations): {len(seed_dirs)} training seed(s), "
-        f"{options.images} images per combination, {options.steps} {SAMPLING['sampler_name']} steps; "
-        f"mean [95% bootstrap interval]. Method settings ({settings_source}): {described}; controls at cfg "
-        f"{SAMPLING['cfg']}. At N = 1, base = the trigger word without its LoRA (the floor), single = the LoRA "
-        "alone (the ceiling)."
-    )
-    summary = {
-        "header": header,
-        "settings": settings,
-        "settings_source": settings_source,
-        "rows": rows,
-        "loratorio_versus": compared,
-    }
-    (options.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (options.out / "results.json").write_text(json.dumps({**summary, "runs": [asdict(r) for r in runs]}))
-    table = markdown(rows, header) + "\n" + differences_markdown(compared)
-    (options.out / "results.md").write_text(table)
-    save_grid({method: images[:12] for method, images in grid.items()}, options.out / "grid.png")
-    print(table)
+        comfy.utils.PROGRESS_BAR_ENABLED = False
+        settings, settings_source = frozen_settings()
+        runs, grid = [], {}
+        for seed_dir in seed_dirs:
+            runs += generate_runs(pack, seed_dir, options, settings, methods, grid)
+        sampling = {
+            "split": options.split,
+            "images": options.images,
+            "steps": options.steps,
+            "seed": options.seed,
+            "training_seeds": [folder.name for folder in seed_dirs],
+        }
+        options.out.mkdir(parents=True, exist_ok=True)
+        save_grid({method: images[:12] for method, images in grid.items()}, options.out / "grid.png")
+    print(write_report(options.out, runs, sampling, settings, settings_source))
     if reference is not None:
-        differing = differences(rows, reference, options.tolerance)
+        differing = means_beyond_tolerance(summarise(runs), reference, options.tolerance)
         for line in differing:
             print(f"[quality] differs from {options.compare}: {line}")
         print(f"[quality] {len(differing)} of the compared means differ by more than {options.tolerance}")

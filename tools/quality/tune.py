@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Choose each composition method's settings on the tuning combinations, then freeze them.
 
-    python3 tools/host.py run -- tools/quality/tune.py [--models DIR ...] [--images 16] [--methods ...]
+    python3 tools/host.py run -- tools/quality/tune.py [--models DIR ...] [--images 8] [--methods ...]
 
 Coordinate search from the harness's defaults: for each parameter of ``TUNING_GRID`` in order, every
 value is scored with the others held at the best found so far, and the best value is kept. The score
-is the mean shape-checked element recall over the tuning third of the combinations (``harness.
-combinations(split="tune")``; the test split is never seen), ties broken by the all-present rate.
+is the mean shape-checked element recall over the tuning combinations (``harness.
+TUNING_COMBINATIONS``; the test split is never seen), ties broken by the all-present rate.
 The choice, with every candidate's score, is written to ``harness.SETTINGS_FILE``, which the
 harness then uses as is. ``--methods`` re-tunes some methods and keeps the others' frozen choice.
 """
@@ -33,18 +33,19 @@ from quality.harness import (
     seed_folders,
 )
 
-# Values tried per parameter, in the order they are tuned. merge: the weight of each LoRA in the
-# merge; switch: tau, steps per adapter; loratorio: patch side (latent pixels), SoftMin temperature T
-# and the re-centring weight lambda.
+CFG_VALUES = (1.5, 2.0, 3.0, 5.0)
+# Values tried per parameter, in the order they are tuned (cfg first: the others' best depends on
+# it). merge: the weight of each LoRA in the merge; switch: tau, steps per adapter; loratorio: patch
+# side (latent pixels), SoftMin temperature T and the re-centring weight lambda.
 TUNING_GRID: dict[str, dict[str, tuple]] = {
-    "merge": {"strength": (0.5, 0.75, 1.0, 1.25), "cfg": (3.0, 5.0, 7.0)},
-    "switch": {"tau": (1, 2, 4), "cfg": (3.0, 5.0, 7.0)},
-    "composite": {"cfg": (3.0, 5.0, 7.0)},
+    "merge": {"cfg": CFG_VALUES, "strength": (0.5, 0.75, 1.0, 1.25)},
+    "switch": {"cfg": CFG_VALUES, "tau": (1, 2, 4, 6)},
+    "composite": {"cfg": CFG_VALUES},
     "loratorio": {
-        "patch_size": (1, 2, 4, 8),
+        "cfg": CFG_VALUES,
+        "patch_size": (2, 4, 8),
         "temperature": (0.01, 0.05, 0.2),
         "recentre_lambda": (0.5, 1.0),
-        "cfg": (3.0, 5.0, 7.0),
     },
 }
 SIZES = (2, 3, 4)
@@ -83,7 +84,7 @@ def main() -> int:
     parser.add_argument(
         "--models", type=Path, nargs="*", help="training-seed folders (default: every tools/quality/models/seed-*)"
     )
-    parser.add_argument("--images", type=int, default=16, help="images per tuning combination and training seed")
+    parser.add_argument("--images", type=int, default=8, help="images per tuning combination and training seed")
     parser.add_argument("--steps", type=int, default=SAMPLING["steps"])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seed", type=int, default=2, help="the sampling seed (the harness's test runs use 1)")
