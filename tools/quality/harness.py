@@ -395,18 +395,23 @@ def write_report(out: Path, runs: list[Scores], sampling: dict, settings: dict, 
     return table
 
 
+def add_generation_arguments(parser: argparse.ArgumentParser, images: int) -> None:
+    """The options the harness and tune.py share: which models, how many images, steps, methods."""
+    parser.add_argument(
+        "--models", type=Path, nargs="*", help="training-seed folders (default: every tools/quality/models/seed-*)"
+    )
+    parser.add_argument("--images", type=int, default=images, help="images per combination, method and training seed")
+    parser.add_argument("--steps", type=int, default=SAMPLING["steps"])
+    parser.add_argument("--methods", default=",".join(METHODS))
+
+
 def main() -> int:
     from host_env import comfyui_on_path, load_pack
 
     comfyui_on_path("quality/harness.py")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--models", type=Path, nargs="*", help="training-seed folders (default: every tools/quality/models/seed-*)"
-    )
-    parser.add_argument("--images", type=int, default=64, help="images per combination, method and training seed")
-    parser.add_argument("--steps", type=int, default=SAMPLING["steps"])
+    add_generation_arguments(parser, images=64)
     parser.add_argument("--sizes", default="2,3,4", help="numbers of concepts to combine")
-    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument(
         "--split", choices=("test", "tune", "all"), default="test", help="which combinations (see combinations())"
     )

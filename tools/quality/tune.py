@@ -23,10 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quality.harness import (
     DEFAULT_SETTINGS,
-    METHODS,
-    SAMPLING,
     SETTINGS_FILE,
     ToyRun,
+    add_generation_arguments,
     combinations,
     parse_methods,
     scored,
@@ -81,12 +80,7 @@ def main() -> int:
 
     comfyui_on_path("quality/tune.py")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--models", type=Path, nargs="*", help="training-seed folders (default: every tools/quality/models/seed-*)"
-    )
-    parser.add_argument("--images", type=int, default=8, help="images per tuning combination and training seed")
-    parser.add_argument("--steps", type=int, default=SAMPLING["steps"])
-    parser.add_argument("--methods", default=",".join(METHODS))
+    add_generation_arguments(parser, images=8)
     parser.add_argument("--seed", type=int, default=2, help="the sampling seed (the harness's test runs use 1)")
     options = parser.parse_args()
     methods = parse_methods(options.methods)
