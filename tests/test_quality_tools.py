@@ -184,7 +184,7 @@ def test_runs_made_side_by_side_combine_into_one_report_and_mismatched_ones_are_
         write_report(tmp_path / seed, runs, {**sampling, "training_seeds": [seed]}, DEFAULT_SETTINGS, "defaults")
     runs, combined, _, _ = combined_runs([tmp_path / "seed-0" / "results.json", tmp_path / "seed-1" / "results.json"])
     assert combined["training_seeds"] == ["seed-0", "seed-1"] and len(runs) == 4
-    table = write_report(tmp_path / "both", runs, combined, DEFAULT_SETTINGS, "defaults")
+    table, _ = write_report(tmp_path / "both", runs, combined, DEFAULT_SETTINGS, "defaults")
     assert "2 training seed(s)" in table and "| loratorio | 2 | 0.50 [" in table
     with pytest.raises(SystemExit, match="more than one"):
         combined_runs([tmp_path / "seed-0" / "results.json", tmp_path / "seed-0" / "results.json"])

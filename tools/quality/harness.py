@@ -367,8 +367,8 @@ def combined_runs(paths: list[Path]) -> tuple[list[Scores], dict, dict, str]:
     return runs, {**first["sampling"], "training_seeds": seeds}, first["settings"], first["settings_source"]
 
 
-def write_report(out: Path, runs: list[Scores], sampling: dict, settings: dict, settings_source: str) -> str:
-    """``summary.json``, ``results.json`` and ``results.md`` under ``out``; returns the Markdown."""
+def write_report(out: Path, runs: list[Scores], sampling: dict, settings: dict, settings_source: str) -> tuple[str, list[dict]]:
+    """``summary.json``, ``results.json`` and ``results.md`` under ``out``; returns the Markdown and the rows."""
     rows, compared = summarise(runs), paired_differences(runs)
     methods = [m for m in METHODS if any(r.method == m for r in runs)]
     described = "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in settings[m].items()) for m in methods)
@@ -392,7 +392,7 @@ def write_report(out: Path, runs: list[Scores], sampling: dict, settings: dict, 
     (out / "results.json").write_text(json.dumps({**summary, "runs": [asdict(r) for r in runs]}))
     table = markdown(rows, header) + "\n" + differences_markdown(compared)
     (out / "results.md").write_text(table)
-    return table
+    return table, rows
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, images: int) -> None:
@@ -453,9 +453,10 @@ def main() -> int:
         }
         options.out.mkdir(parents=True, exist_ok=True)
         save_grid({method: images[:12] for method, images in grid.items()}, options.out / "grid.png")
-    print(write_report(options.out, runs, sampling, settings, settings_source))
+    table, rows = write_report(options.out, runs, sampling, settings, settings_source)
+    print(table)
     if reference is not None:
-        differing = means_beyond_tolerance(summarise(runs), reference, options.tolerance)
+        differing = means_beyond_tolerance(rows, reference, options.tolerance)
         for line in differing:
             print(f"[quality] differs from {options.compare}: {line}")
         print(f"[quality] {len(differing)} of the compared means differ by more than {options.tolerance}")
