@@ -193,3 +193,19 @@ def test_runs_made_side_by_side_combine_into_one_report_and_mismatched_ones_are_
     (tmp_path / "altered.json").write_text(json.dumps(altered))
     with pytest.raises(SystemExit, match="differ in sampling"):
         combined_runs([tmp_path / "seed-0" / "results.json", tmp_path / "altered.json"])
+
+
+def test_reports_that_cannot_be_read_are_refused_with_what_to_pass(tmp_path):
+    from quality.harness import combined_runs, read_report
+
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "other.json").write_text("{}")
+    (tmp_path / "summary.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit, match=r"cannot read .*missing.json as a harness report"):
+        read_report(tmp_path / "missing.json")
+    with pytest.raises(SystemExit, match=r"cannot read .*broken.json"):
+        read_report(tmp_path / "broken.json")
+    with pytest.raises(SystemExit, match="not a harness report"):
+        read_report(tmp_path / "other.json")
+    with pytest.raises(SystemExit, match=r"needs results.json files, not summary.json"):
+        combined_runs([tmp_path / "summary.json"])

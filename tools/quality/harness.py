@@ -348,10 +348,24 @@ def generate_runs(pack, seed_dir: Path, options, settings: dict, methods: list[s
     return runs
 
 
+def read_report(path: Path) -> dict:
+    """A ``summary.json`` or ``results.json`` the harness wrote, or exit saying what is wrong with it."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        sys.exit(f"cannot read {path} as a harness report ({error}); pass a summary.json or results.json under --out")
+    if "rows" not in report:
+        sys.exit(f"{path} is not a harness report (no 'rows'); pass a summary.json or results.json under --out")
+    return report
+
+
 def combined_runs(paths: list[Path]) -> tuple[list[Scores], dict, dict, str]:
     """The runs of several ``results.json`` (e.g. one per training seed, run side by side), which must
     share their sampling and settings: ``(runs, sampling, settings, settings_source)``."""
-    loaded = [(path, json.loads(path.read_text())) for path in paths]
+    loaded = [(path, read_report(path)) for path in paths]
+    for path, report in loaded:
+        if "runs" not in report:
+            sys.exit(f"{path} has no per-image runs; --combine needs results.json files, not summary.json")
     first_path, first = loaded[0]
 
     def options_of(report: dict) -> tuple[dict, dict]:
@@ -430,7 +444,7 @@ def main() -> int:
     )
     parser.add_argument("--tolerance", type=float, default=0.1, help="largest difference of a mean allowed by --compare")
     options = parser.parse_args()
-    reference = json.loads(options.compare.read_text())["rows"] if options.compare else None
+    reference = read_report(options.compare)["rows"] if options.compare else None
     if options.combine:
         runs, sampling, settings, settings_source = combined_runs(options.combine)
     else:
