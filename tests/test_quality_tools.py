@@ -109,6 +109,15 @@ def test_tuning_scores_every_candidate_and_keeps_the_best(pack, toy_files, monke
     assert scores[json.dumps(best, sort_keys=True)] == max(scores.values())
     assert all(0.0 <= c["recall"] <= 1.0 for c in candidates)
 
+    # a second search under the same context reuses every score; a different context reuses none
+    run = ToyRun(pack, folder, images=2, steps=2)
+    record = {**tune.tuning_context([run], seed=1), "candidates": candidates}
+    known = tune.earlier_candidates(record, tune.tuning_context([run], seed=1))
+    again, reused = tune.tune_method([run], "merge", seed=1, log=logged.append, known=known)
+    assert again == best and reused == candidates and len(logged) == 3
+    assert tune.earlier_candidates(record, tune.tuning_context([run], seed=2)) == {}
+    assert tune.earlier_candidates(None, tune.tuning_context([run], seed=1)) == {}
+
 
 def test_harness_uses_the_frozen_settings_and_the_defaults_for_untuned_methods(tmp_path, monkeypatch):
     from quality import harness

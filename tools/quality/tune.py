@@ -9,6 +9,8 @@ is the mean shape-checked element recall over the tuning combinations (``harness
 TUNING_COMBINATIONS``; the test split is never seen), ties broken by the all-present rate.
 The choice, with every candidate's score, is written to ``harness.SETTINGS_FILE``, which the
 harness then uses as is. ``--methods`` re-tunes some methods and keeps the others' frozen choice.
+Candidates already scored there under the same models, combinations, images, steps and sampling
+seed are reused (sampling is deterministic), so widening a grid costs only the new values.
 """
 
 from __future__ import annotations
@@ -32,28 +34,48 @@ from quality.harness import (
     seed_folders,
 )
 
-CFG_VALUES = (1.5, 2.0, 3.0, 5.0)
+CFG_VALUES = (1.0, 1.5, 2.0, 3.0, 5.0)
 # Values tried per parameter, in the order they are tuned (cfg first: the others' best depends on
 # it). merge: the weight of each LoRA in the merge; switch: tau, steps per adapter; loratorio: patch
 # side (latent pixels), SoftMin temperature T and the re-centring weight lambda.
 TUNING_GRID: dict[str, dict[str, tuple]] = {
-    "merge": {"cfg": CFG_VALUES, "strength": (0.5, 0.75, 1.0, 1.25)},
-    "switch": {"cfg": CFG_VALUES, "tau": (1, 2, 4, 6)},
+    "merge": {"cfg": CFG_VALUES, "strength": (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)},
+    "switch": {"cfg": CFG_VALUES, "tau": (1, 2, 4, 6, 8, 12)},
     "composite": {"cfg": CFG_VALUES},
     "loratorio": {
         "cfg": CFG_VALUES,
         "patch_size": (2, 4, 8),
         "temperature": (0.01, 0.05, 0.2),
-        "recentre_lambda": (0.5, 1.0),
+        "recentre_lambda": (0.25, 0.5, 0.75, 1.0),
     },
 }
 SIZES = (2, 3, 4)
 
 
-def tune_method(runs: list[ToyRun], method: str, seed: int, log) -> tuple[dict, list[dict]]:
-    """Coordinate search for one method: ``(best settings, every candidate with its scores)``."""
+def tuning_context(runs: list[ToyRun], seed: int) -> dict:
+    """What a candidate's score depends on besides its settings; scores are reused only when it matches."""
+    return {
+        "models": [toy.name for toy in runs],
+        "combinations": ["+".join(c.name for c in combo) for combo in combinations(list(SIZES), "tune")],
+        "images": runs[0].images,
+        "steps": runs[0].steps,
+        "sampling_seed": seed,
+    }
+
+
+def earlier_candidates(record: dict | None, context: dict) -> dict[str, dict]:
+    """The candidates of an earlier tuning ``record`` (from ``SETTINGS_FILE``) made under ``context``."""
+    if not record or any(record.get(key) != value for key, value in context.items()):
+        return {}
+    return {json.dumps(c["settings"], sort_keys=True): c for c in record.get("candidates", [])}
+
+
+def tune_method(runs: list[ToyRun], method: str, seed: int, log, known: dict[str, dict] | None = None) -> tuple[dict, list[dict]]:
+    """Coordinate search for one method: ``(best settings, every candidate with its scores)``.
+
+    ``known``: candidates already scored under the same context (see ``earlier_candidates``)."""
     combos = combinations(list(SIZES), "tune")
-    candidates: dict[str, dict] = {}
+    candidates: dict[str, dict] = dict(known or {})
 
     def evaluate(settings: dict) -> tuple[float, float]:
         key = json.dumps(settings, sort_keys=True)
@@ -96,17 +118,14 @@ def main() -> int:
 
     frozen = json.loads(SETTINGS_FILE.read_text()) if SETTINGS_FILE.exists() else {"settings": {}, "tuning": {}}
     runs = [ToyRun(pack, folder, options.images, options.steps) for folder in seed_dirs]
+    context = tuning_context(runs, options.seed)
     for method in methods:
-        best, candidates = tune_method(runs, method, options.seed, log)
+        known = earlier_candidates(frozen["tuning"].get(method), context)
+        if known:
+            log(f"{method}: reusing {len(known)} candidates scored earlier under the same context")
+        best, candidates = tune_method(runs, method, options.seed, log, known)
         frozen["settings"][method] = best
-        frozen["tuning"][method] = {
-            "models": [folder.name for folder in seed_dirs],
-            "combinations": ["+".join(c.name for c in combo) for combo in combinations(list(SIZES), "tune")],
-            "images": options.images,
-            "steps": options.steps,
-            "sampling_seed": options.seed,
-            "candidates": candidates,
-        }
+        frozen["tuning"][method] = {**context, "candidates": candidates}
         SETTINGS_FILE.write_text(json.dumps(frozen, indent=1) + "\n")
         log(f"{method}: chose {best}; wrote {SETTINGS_FILE}")
     return 0
