@@ -40,7 +40,10 @@ CFG_VALUES = (1.0, 1.5, 2.0, 3.0, 5.0)
 # side (latent pixels), SoftMin temperature T and the re-centring weight lambda.
 TUNING_GRID: dict[str, dict[str, tuple]] = {
     "merge": {"cfg": CFG_VALUES, "strength": (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)},
-    "switch": {"cfg": CFG_VALUES, "tau": (1, 2, 4, 6, 8, 12)},
+    # tau * 4 <= 12 steps: every adapter of a 4-concept combination gets a turn. A larger tau stops
+    # switching before the last adapters, and tau >= steps is the first LoRA alone (which scored
+    # best, 0.375 on the tuning split: one concept per image, a setting that is no longer Switch).
+    "switch": {"cfg": CFG_VALUES, "tau": (1, 2, 3)},
     "composite": {"cfg": CFG_VALUES},
     "loratorio": {
         "cfg": CFG_VALUES,
@@ -71,14 +74,17 @@ def earlier_candidates(record: dict | None, context: dict) -> dict[str, dict]:
 
 
 def tune_method(runs: list[ToyRun], method: str, seed: int, log, known: dict[str, dict] | None = None) -> tuple[dict, list[dict]]:
-    """Coordinate search for one method: ``(best settings, every candidate with its scores)``.
+    """Coordinate search for one method: ``(best settings, every candidate it visited, with scores)``.
 
     ``known``: candidates already scored under the same context (see ``earlier_candidates``)."""
     combos = combinations(list(SIZES), "tune")
     candidates: dict[str, dict] = dict(known or {})
+    visited: list[str] = []
 
     def evaluate(settings: dict) -> tuple[float, float]:
         key = json.dumps(settings, sort_keys=True)
+        if key not in visited:
+            visited.append(key)
         if key not in candidates:
             recall, present = [], []
             for toy in runs:
@@ -94,7 +100,7 @@ def tune_method(runs: list[ToyRun], method: str, seed: int, log, known: dict[str
     best = dict(DEFAULT_SETTINGS[method])
     for parameter, values in TUNING_GRID[method].items():
         best = max(({**best, parameter: value} for value in values), key=evaluate)
-    return best, list(candidates.values())
+    return best, [candidates[key] for key in visited]
 
 
 def main() -> int:
