@@ -218,3 +218,29 @@ def test_reports_that_cannot_be_read_are_refused_with_what_to_pass(tmp_path):
         read_report(tmp_path / "other.json")
     with pytest.raises(SystemExit, match=r"needs results.json files, not summary.json"):
         combined_runs([tmp_path / "summary.json"])
+
+
+def test_training_reproduces_a_lora_whether_the_base_was_trained_in_the_same_run_or_before(tmp_path, engine):
+    """What makes ``train.py --seed N`` recreate the shipped files: each LoRA's data stream and
+    initialisation depend only on the seed and the concept, and it learns on the base as saved."""
+    import shutil
+
+    from quality import train
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    tiny = ["--seed", "3", "--lora-steps", "2"]
+    train.main([*tiny, "--out", str(full), "--base-steps", "2", "--concepts", "ruby-disk,lemon-stripe"])
+    split.mkdir()
+    shutil.copy(full / toy_model.BASE_FILE, split / toy_model.BASE_FILE)
+    train.main([*tiny, "--out", str(split), "--reuse-base", "--concepts", "lemon-stripe"])
+
+    lemon = toy_model.lora_file(world.CONCEPTS_BY_NAME["lemon-stripe"])
+    once, again = (safetensors.torch.load_file(str(folder / lemon)) for folder in (full, split))
+    assert once.keys() == again.keys() and all(torch.equal(once[k], again[k]) for k in once)
+    assert any(v.abs().sum() > 0 for k, v in once.items() if "up" in k), "two steps should move the up factors"
+    assert not (split / toy_model.lora_file(world.CONCEPTS_BY_NAME["ruby-disk"])).exists()
+
+    with pytest.raises(SystemExit, match="unknown concepts"):
+        train.main(["--out", str(split), "--concepts", "ruby"])
+    with pytest.raises(SystemExit, match=r"no toy-base\.safetensors"):
+        train.main(["--out", str(tmp_path / "empty"), "--reuse-base"])

@@ -138,7 +138,7 @@ def train(steps: int, parameters: list, step_loss, learning_rate: float, label: 
     return sum(recent) / len(recent)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     from host_env import comfyui_on_path
 
     comfyui_on_path("quality/train.py")
@@ -149,7 +149,7 @@ def main() -> int:
     parser.add_argument("--lora-steps", type=int, default=LORA_STEPS)
     parser.add_argument("--reuse-base", action="store_true", help="train only the LoRAs, on the base model already in --out")
     parser.add_argument("--concepts", help="comma-separated concept names to train (default: all)")
-    options = parser.parse_args()
+    options = parser.parse_args(argv)
     out = options.out or MODELS_DIR / f"seed-{options.seed}"
 
     import safetensors.torch
@@ -162,13 +162,15 @@ def main() -> int:
     unknown = sorted(set(wanted) - set(names))
     if unknown:
         sys.exit(f"unknown concepts {unknown}; choose from {', '.join(names)}")
+    if options.reuse_base and not (out / toy_model.BASE_FILE).is_file():
+        sys.exit(
+            f"--reuse-base: no {toy_model.BASE_FILE} in {out}; "
+            "train the base first (leave out --reuse-base) or pass the base's folder as --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
 
     generator = torch.Generator().manual_seed(options.seed)
-    if options.reuse_base:
-        patcher, table = toy_model.load_base(out / toy_model.BASE_FILE)
-        model, embedding = patcher.model, torch.nn.Embedding.from_pretrained(table)
-    else:
+    if not options.reuse_base:
         model, embedding = toy_model.new_model(options.seed)
         model.train()
 
@@ -180,6 +182,10 @@ def main() -> int:
         toy_model.save_base(out / toy_model.BASE_FILE, model, embedding)
         print(f"[train] wrote {out / toy_model.BASE_FILE}")
 
+    # The LoRAs learn on the base as saved (half precision), the one they are used with, so a
+    # --reuse-base run trains the same LoRAs as a run that trained the base first.
+    patcher, table = toy_model.load_base(out / toy_model.BASE_FILE)
+    model, embedding = patcher.model, torch.nn.Embedding.from_pretrained(table)
     model.requires_grad_(False)
     embedding.requires_grad_(False)
     for index, concept in enumerate(world.CONCEPTS):
