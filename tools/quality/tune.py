@@ -10,7 +10,8 @@ TUNING_COMBINATIONS``; the test split is never seen), ties broken by the all-pre
 The choice, with every candidate's score, is written to ``harness.SETTINGS_FILE``, which the
 harness then uses as is. ``--methods`` re-tunes some methods and keeps the others' frozen choice.
 Candidates already scored there under the same models, combinations, images, steps and sampling
-seed are reused (sampling is deterministic), so widening a grid costs only the new values.
+seed are reused (sampling is deterministic), so widening a grid costs only the new values; after a
+change to a method's code or to the models' files, pass ``--rescore``.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generation_arguments(parser, images=8)
     parser.add_argument("--seed", type=int, default=2, help="the sampling seed (the harness's test runs use 1)")
+    parser.add_argument("--rescore", action="store_true", help="score every candidate again instead of reusing earlier scores")
     options = parser.parse_args()
     methods = parse_methods(options.methods)
     seed_dirs = seed_folders(options.models)
@@ -126,7 +128,7 @@ def main() -> int:
     runs = [ToyRun(pack, folder, options.images, options.steps) for folder in seed_dirs]
     context = tuning_context(runs, options.seed)
     for method in methods:
-        known = earlier_candidates(frozen["tuning"].get(method), context)
+        known = {} if options.rescore else earlier_candidates(frozen["tuning"].get(method), context)
         if known:
             log(f"{method}: reusing {len(known)} candidates scored earlier under the same context")
         best, candidates = tune_method(runs, method, options.seed, log, known)
