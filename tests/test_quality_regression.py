@@ -20,13 +20,14 @@ IMAGES = 16
 # Pairs from the held-out test split: two colours apart, a shape and the stripe that crosses it,
 # a shape and the global style.
 PAIRS = (("amber-triangle", "cobalt-square"), ("ruby-disk", "lemon-stripe"), ("cobalt-square", "dusk-style"))
-# Floors from the harness's run on the same models and sampling seed (README, "Composition
+# Floors from the harness's full run on the same models and sampling seed (README, "Composition
 # quality"; tools/quality/reference/seed-0.json), whose first 16 images per combination are these:
 # measured there, per concept alone 1.0 except cobalt 0.62; on the pairs LoRAtorio 0.42, Merge 0.29,
-# Switch 0.17, Composite 0.0. Each floor leaves about two images per pair of slack. Composite has no
-# floor of its own (it is at 0); LoRAtorio's lead over it is checked instead.
+# Switch 0.04, Composite 0.0. Each floor leaves about two images per pair of slack; Switch's (at
+# cfg 1, tau 3 it rarely draws a concept in 12 steps) only catches it drawing nothing. Composite has
+# no floor of its own (it is at 0); LoRAtorio's lead over it is checked instead.
 SINGLE_FLOOR = 0.5
-PAIR_FLOORS = {"loratorio": 0.3, "merge": 0.18, "switch": 0.08}
+PAIR_FLOORS = {"loratorio": 0.3, "merge": 0.18, "switch": 0.02}
 LORATORIO_LEAD_OVER_COMPOSITE = 0.25
 
 
