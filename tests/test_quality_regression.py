@@ -41,6 +41,8 @@ def toy(pack):
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(folder_paths.folder_names_and_paths, "loras", folder_paths.folder_names_and_paths["loras"])
         yield ToyRun(pack, MODELS, images=IMAGES, steps=12)
+    # the cache holds the run's ModelPatcher; freed at interpreter exit, its __del__ fails noisily
+    recall.cache_clear()
 
 
 @functools.cache
