@@ -244,3 +244,14 @@ def test_training_reproduces_a_lora_whether_the_base_was_trained_in_the_same_run
         train.main(["--out", str(split), "--concepts", "ruby"])
     with pytest.raises(SystemExit, match=r"no toy-base\.safetensors"):
         train.main(["--out", str(tmp_path / "empty"), "--reuse-base"])
+
+
+def test_bad_method_and_size_options_are_refused_with_what_to_pass():
+    from quality.harness import parse_methods, parse_sizes
+
+    assert parse_methods("merge, loratorio") == ["merge", "loratorio"] and parse_sizes("2,4") == [2, 4]
+    with pytest.raises(SystemExit, match=r"unknown methods \['lora'\]; choose from merge"):
+        parse_methods("merge,lora")
+    for bad in ("2,x", "1,2", "6", ""):
+        with pytest.raises(SystemExit, match=r"--sizes .*from 2 to 5, e\.g\. 2,3,4"):
+            parse_sizes(bad)

@@ -312,6 +312,19 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
+def parse_sizes(text: str) -> list[int]:
+    """``--sizes``: how many concepts each combination has, each from 2 to the number of concepts."""
+    from quality.world import CONCEPTS
+
+    try:
+        sizes = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(not 2 <= n <= len(CONCEPTS) for n in sizes):
+        sys.exit(f"--sizes {text!r}: give comma-separated numbers of concepts from 2 to {len(CONCEPTS)}, e.g. 2,3,4")
+    return sizes
+
+
 def seed_folders(given: list[Path] | None) -> list[Path]:
     """The training-seed folders to score, each checked for a base model."""
     from quality.toy_model import BASE_FILE
@@ -325,7 +338,9 @@ def seed_folders(given: list[Path] | None) -> list[Path]:
     return folders
 
 
-def generate_runs(pack, seed_dir: Path, options, settings: dict, methods: list[str], grid: dict) -> list[Scores]:
+def generate_runs(
+    pack, seed_dir: Path, options, sizes: list[int], settings: dict, methods: list[str], grid: dict
+) -> list[Scores]:
     """Every control and every (combination, method) of one training seed, scored; first images go to ``grid``."""
     from quality.world import CONCEPTS
 
@@ -336,7 +351,7 @@ def generate_runs(pack, seed_dir: Path, options, settings: dict, methods: list[s
             scores, images = scored(toy, control, [concept], options.seed)
             runs.append(scores)
             grid.setdefault(control, []).append(images[0])
-    for combo in combinations([int(n) for n in options.sizes.split(",")], options.split):
+    for combo in combinations(sizes, options.split):
         for method in methods:
             scores, images = scored(toy, method, combo, options.seed, settings[method])
             runs.append(scores)
@@ -448,7 +463,7 @@ def main() -> int:
     if options.combine:
         runs, sampling, settings, settings_source = combined_runs(options.combine)
     else:
-        methods = parse_methods(options.methods)
+        methods, sizes = parse_methods(options.methods), parse_sizes(options.sizes)
         seed_dirs = seed_folders(options.models)
         pack = load_pack()
         import comfy.utils
@@ -457,7 +472,7 @@ def main() -> int:
         settings, settings_source = frozen_settings()
         runs, grid = [], {}
         for seed_dir in seed_dirs:
-            runs += generate_runs(pack, seed_dir, options, settings, methods, grid)
+            runs += generate_runs(pack, seed_dir, options, sizes, settings, methods, grid)
         sampling = {
             "split": options.split,
             "images": options.images,
