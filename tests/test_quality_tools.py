@@ -221,8 +221,9 @@ def test_reports_that_cannot_be_read_are_refused_with_what_to_pass(tmp_path):
 
 
 def test_training_reproduces_a_lora_whether_the_base_was_trained_in_the_same_run_or_before(tmp_path, engine):
-    """What makes ``train.py --seed N`` recreate the shipped files: each LoRA's data stream and
-    initialisation depend only on the seed and the concept, and it learns on the base as saved."""
+    """What makes ``train.py --seed N`` recreate its files bit for bit (at the torch version and thread
+    count it records in them): each LoRA's data stream and initialisation depend only on the seed and
+    the concept, and it learns on the base as saved."""
     import shutil
 
     from quality import train
@@ -239,6 +240,11 @@ def test_training_reproduces_a_lora_whether_the_base_was_trained_in_the_same_run
     assert once.keys() == again.keys() and all(torch.equal(once[k], again[k]) for k in once)
     assert any(v.abs().sum() > 0 for k, v in once.items() if "up" in k), "two steps should move the up factors"
     assert not (split / toy_model.lora_file(world.CONCEPTS_BY_NAME["ruby-disk"])).exists()
+    for path in (full / toy_model.BASE_FILE, split / lemon):
+        with safetensors.safe_open(str(path), "pt") as opened:
+            metadata = opened.metadata()
+        assert metadata["training_seed"] == "3" and metadata["torch_threads"] == str(torch.get_num_threads())
+        assert metadata["torch_version"] == torch.__version__
 
     with pytest.raises(SystemExit, match="unknown concepts"):
         train.main(["--out", str(split), "--concepts", "ruby"])

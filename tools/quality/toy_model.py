@@ -89,12 +89,14 @@ def lora_file(concept: Concept) -> str:
     return f"toy-{concept.name}.safetensors"
 
 
-def save_base(path: Path, model: comfy.model_base.BaseModel, embedding: torch.nn.Embedding) -> None:
+def save_base(
+    path: Path, model: comfy.model_base.BaseModel, embedding: torch.nn.Embedding, metadata: dict[str, str] | None = None
+) -> None:
     # half precision keeps the shipped file small; it loads back into the float32 model
     tensors = {UNET_PREFIX + k: v.detach().half().contiguous() for k, v in model.diffusion_model.state_dict().items()}
     tensors[TOKEN_EMBEDDING_KEY] = embedding.weight.detach().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(tensors, str(path), metadata={"toy_world": "base"})
+    safetensors.torch.save_file(tensors, str(path), metadata={"toy_world": "base", **(metadata or {})})
 
 
 def load_base(path: Path) -> tuple[comfy.model_patcher.ModelPatcher, torch.Tensor]:

@@ -138,6 +138,14 @@ def train(steps: int, parameters: list, step_loss, learning_rate: float, label: 
     return sum(recent) / len(recent)
 
 
+def provenance(seed: int) -> dict[str, str]:
+    """What a file's bits depend on besides the code: the seed, torch's version and its thread count
+    (the order of floating-point sums changes with the threads, and training amplifies the difference)."""
+    import torch
+
+    return {"training_seed": str(seed), "torch_version": torch.__version__, "torch_threads": str(torch.get_num_threads())}
+
+
 def main(argv: list[str] | None = None) -> int:
     from host_env import comfyui_on_path
 
@@ -179,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             return v_prediction_loss(model, embedding, latents, ids, generator)
 
         train(options.base_steps, [*model.diffusion_model.parameters(), *embedding.parameters()], base_step, 2e-3, "base")
-        toy_model.save_base(out / toy_model.BASE_FILE, model, embedding)
+        toy_model.save_base(out / toy_model.BASE_FILE, model, embedding, provenance(options.seed))
         print(f"[train] wrote {out / toy_model.BASE_FILE}")
 
     # The LoRAs learn on the base as saved (half precision), the one they are used with, so a
@@ -201,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         train(options.lora_steps, lora.parameters(), lora_step, 5e-3, concept.name)
         lora.remove()
         target = out / toy_model.lora_file(concept)
-        safetensors.torch.save_file(lora.state_dict(), str(target), metadata={"modelspec.trigger_phrase": concept.trigger})
+        safetensors.torch.save_file(
+            lora.state_dict(), str(target), metadata={"modelspec.trigger_phrase": concept.trigger, **provenance(options.seed)}
+        )
         print(f"[train] wrote {target}")
     return 0
 
