@@ -80,12 +80,10 @@ def tune_method(runs: list[ToyRun], method: str, seed: int, log, known: dict[str
     ``known``: candidates already scored under the same context (see ``earlier_candidates``)."""
     combos = combinations(list(SIZES), "tune")
     candidates: dict[str, dict] = dict(known or {})
-    visited: list[str] = []
+    visited: dict[str, dict] = {}  # in the order the search first reached them
 
     def evaluate(settings: dict) -> tuple[float, float]:
         key = json.dumps(settings, sort_keys=True)
-        if key not in visited:
-            visited.append(key)
         if key not in candidates:
             recall, present = [], []
             for toy in runs:
@@ -96,12 +94,13 @@ def tune_method(runs: list[ToyRun], method: str, seed: int, log, known: dict[str
             candidate = {"settings": settings, "recall": sum(recall) / len(recall), "all_present": sum(present) / len(present)}
             candidates[key] = candidate
             log(f"{method} {settings}: recall {candidate['recall']:.3f}, all present {candidate['all_present']:.3f}")
-        return candidates[key]["recall"], candidates[key]["all_present"]
+        visited[key] = candidates[key]
+        return visited[key]["recall"], visited[key]["all_present"]
 
     best = dict(DEFAULT_SETTINGS[method])
     for parameter, values in TUNING_GRID[method].items():
         best = max(({**best, parameter: value} for value in values), key=evaluate)
-    return best, [candidates[key] for key in visited]
+    return best, list(visited.values())
 
 
 def main() -> int:
