@@ -1,7 +1,8 @@
-"""A set of LoRA adapters bound to one model: parsed files, strengths and the stacked per-row layers."""
+"""A set of LoRA adapters bound to one model: parsed files, strengths and the per-row deltas."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -9,8 +10,8 @@ from dataclasses import dataclass
 import folder_paths
 import torch
 
-from .adapters import LORA_FILES, LoRAInputError, ParsedLoRA, check_strength, parse_lora
-from .row_lora import StackedLayer, stack_layer
+from .adapters import DIFFUSION_PREFIX, LORA_FILES, LoRAInputError, ParsedLoRA, check_strength, dense_delta, parse_lora
+from .row_lora import DenseDelta, LayerDeltas, RowLayers, stack_layer
 
 LOG = logging.getLogger("comfyui-loratorio")
 
@@ -20,12 +21,6 @@ class Adapter:
     name: str
     strength: float
     parsed: ParsedLoRA
-    state: dict[str, torch.Tensor]  # the file's tensors, for ComfyUI's hooks path
-
-    @property
-    def via_hooks(self) -> bool:
-        """Adapters with parts the per-row path cannot express run whole through ComfyUI's hooks."""
-        return self.parsed.needs_fallback
 
 
 def lora_path(name: str) -> str:
@@ -41,9 +36,10 @@ def lora_path(name: str) -> str:
 
 
 class AdapterSet:
-    """The adapters of one composition, in order, for one model (a ComfyUI ``BaseModel``)."""
+    """The adapters of one composition, in order, for one model (a ComfyUI ``ModelPatcher``)."""
 
-    def __init__(self, model, entries: Sequence[tuple[str, float]]) -> None:
+    def __init__(self, model_patcher, entries: Sequence[tuple[str, float]]) -> None:
+        model = model_patcher.model
         if not entries:
             raise LoRAInputError(
                 "no LoRA to compose: the LoRA stack is empty. Add at least one enabled LoRA to the Multi-LoRA Loader "
@@ -56,19 +52,17 @@ class AdapterSet:
                 raise LoRAInputError(f"LoRA '{name}' is in the stack twice; compose each LoRA once (raise its strength instead).")
             seen.add(name)
             strength = check_strength(name, strength)
-            state = LORA_FILES.load(lora_path(name), name)
-            adapter = Adapter(name, strength, parse_lora(state, model, name), state)
-            if adapter.via_hooks:
-                kinds = sorted({getattr(p, "name", type(p).__name__) for p in adapter.parsed.fallback_patches.values()})
+            parsed = parse_lora(LORA_FILES.load(lora_path(name), name), model, name)
+            if parsed.dense_patches:
                 LOG.info(
-                    "comfyui-loratorio: LoRA '%s' has %s parts the batched per-row path does not apply; it runs through "
-                    "ComfyUI's hooks path (exact, but its rows take forwards of their own)",
+                    "comfyui-loratorio: LoRA '%s' has %s parts; they are applied per row as exact dense deltas "
+                    "(ComfyUI's merge math, built once per run: more memory than low-rank LoRA parts)",
                     name,
-                    "/".join(kinds),
+                    "/".join(parsed.dense_kinds),
                 )
-            adapters.append(adapter)
+            adapters.append(Adapter(name, strength, parsed))
         self.adapters: tuple[Adapter, ...] = tuple(adapters)
-        self._model = model
+        self._model_patcher = model_patcher
 
     def __len__(self) -> int:
         return len(self.adapters)
@@ -77,15 +71,44 @@ class AdapterSet:
     def names(self) -> list[str]:
         return [a.name for a in self.adapters]
 
-    def stacked_layers(self) -> dict[str, StackedLayer]:
-        """Every targeted layer with all adapters' deltas stacked (see :mod:`.row_lora`)."""
-        diffusion_model = self._model.diffusion_model
-        batched = [a if not a.via_hooks else None for a in self.adapters]
-        modules = sorted({m for a in batched if a is not None for m in a.parsed.factors})
+    @functools.cached_property
+    def dense_adapters(self) -> set[int]:
+        """The indices of adapters with dense deltas, whose rows each forward must list."""
+        return {index for index, adapter in enumerate(self.adapters) if adapter.parsed.dense_patches}
+
+    @functools.cached_property
+    def row_layers(self) -> RowLayers:
+        """Every targeted layer's per-row deltas (see :mod:`.row_lora`), built on first use."""
+        diffusion_model = self._model_patcher.model.diffusion_model
+        modules = sorted({m for a in self.adapters for m in (*a.parsed.factors, *a.parsed.dense_patches)})
+        key_patches = self._model_patcher.get_key_patches(DIFFUSION_PREFIX) if self.dense_adapters else {}
         layers = {}
         for module_name in modules:
             module = diffusion_model.get_submodule(module_name)
-            per_adapter = [[(f, a.strength) for f in a.parsed.factors.get(module_name, [])] if a else [] for a in batched]
-            conv_kernel = tuple(module.weight.shape[2:]) if isinstance(module, torch.nn.Conv2d) else None
-            layers[module_name] = stack_layer(per_adapter, module.weight.shape[0], conv_kernel)
-        return layers
+            layer = LayerDeltas(self._low_rank(module_name, module), self._dense(module_name, key_patches))
+            if layer.low_rank is not None or layer.dense:
+                layers[module_name] = layer
+        return RowLayers(layers)
+
+    def _low_rank(self, module_name: str, module: torch.nn.Module):
+        per_adapter = [[(f, a.strength) for f in a.parsed.factors.get(module_name, [])] for a in self.adapters]
+        if not any(per_adapter):
+            return None
+        conv_kernel = tuple(module.weight.shape[2:]) if isinstance(module, torch.nn.Conv2d) else None
+        return stack_layer(per_adapter, module.weight.shape[0], conv_kernel)
+
+    def _dense(self, module_name: str, key_patches: dict[str, list]) -> dict[int, DenseDelta]:
+        """Dense deltas against the weights this patcher samples with: its original weights (not
+        whatever another clone left merged in the shared model) plus its own patches."""
+        dense = {}
+        for index, adapter in enumerate(self.adapters):
+            patches = adapter.parsed.dense_patches.get(module_name, [])
+            deltas = {}
+            for parameter in ("weight", "bias"):
+                own = [p for p in patches if p.parameter == parameter]
+                key = f"{DIFFUSION_PREFIX}{module_name}.{parameter}"
+                if own and key in key_patches:
+                    deltas[parameter] = dense_delta(own, key_patches[key], adapter.strength, key)
+            if deltas.get("weight") is not None or deltas.get("bias") is not None:
+                dense[index] = DenseDelta(deltas.get("weight"), deltas.get("bias"))
+        return dense

@@ -1,11 +1,14 @@
-"""Reading LoRA files into low-rank factors for the per-row path, through ComfyUI's own parser.
+"""Reading LoRA files into per-row adapter deltas, through ComfyUI's own parser.
 
 ComfyUI's key maps (``comfy.lora.model_lora_keys_unet``), format conversion
 (``comfy.lora_convert.convert_lora``) and adapter parser (``comfy.lora.load_lora``) decide which
 layer each tensor of a file belongs to, so every key style ComfyUI reads (kohya, diffusers/PEFT,
-LyCORIS, ComfyUI, fused-qkv slices of SD3 and Flux) is read the same way here. What the per-row
-path cannot express (LoHa, LoKr, OFT, DoRA, Tucker LoCon, full diffs) is kept as ComfyUI patches
-for the hooks fallback.
+LyCORIS, ComfyUI, fused-qkv slices of SD3 and Flux, conversion functions) is read the same way here.
+
+Plain LoRA / LoCon becomes low-rank factors. Every other adapter type (LoHa, LoKr, OFT/BOFT, DoRA,
+GLoRA, Tucker LoCon, full diffs) is kept as ComfyUI patches, turned into an exact dense delta by
+ComfyUI's own merge math (:func:`dense_delta`). Nothing goes through ComfyUI's hooks path, which
+newer ComfyUI does not support under dynamic VRAM.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import math
 import os
 import re
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -52,19 +56,36 @@ class LowRankFactor:
         return self.down.shape[0]
 
 
+@dataclass(frozen=True)
+class WeightPatch:
+    """One ComfyUI patch of a parameter (``weight`` or ``bias``) of a diffusion-model module,
+    applied per row as the exact delta ComfyUI's merge would make (:func:`dense_delta`)."""
+
+    module: str
+    parameter: str  # "weight" or "bias"
+    adapter: object  # a comfy.weight_adapter adapter, or a raw ("diff", ...) patch
+    offset: tuple[int, int, int] | None
+    function: object | None  # ComfyUI's conversion function for the key, if any
+
+    @property
+    def kind(self) -> str:
+        return getattr(self.adapter, "name", None) or str(self.adapter[0] if isinstance(self.adapter, tuple) else "diff")
+
+
 @dataclass
 class ParsedLoRA:
-    """A LoRA file read against one model: per-row factors by module name, and the rest."""
+    """A LoRA file read against one model: low-rank factors and dense patches, by module name."""
 
     name: str
     factors: dict[str, list[LowRankFactor]] = field(default_factory=dict)  # module name -> factors
-    fallback_patches: dict[object, object] = field(default_factory=dict)  # ComfyUI patches for the hooks path
+    dense_patches: dict[str, list[WeightPatch]] = field(default_factory=dict)  # module name -> patches
     matched: int = 0
     total: int = 0
+    unsupported: list[str] = field(default_factory=list)  # targets no per-row form can apply
 
     @property
-    def needs_fallback(self) -> bool:
-        return bool(self.fallback_patches)
+    def dense_kinds(self) -> list[str]:
+        return sorted({patch.kind for patches in self.dense_patches.values() for patch in patches})
 
 
 TEXT_ENCODER_KEY = re.compile(r"^(lora_te\d*_|text_encoder(_\d)?\.|text_encoders\.)")
@@ -113,7 +134,8 @@ def read_safetensors(path: str, display_name: str) -> dict[str, torch.Tensor]:
         )
     try:
         return comfy.utils.load_torch_file(path, safe_load=True)
-    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as error:
+    # newer ComfyUI parses safetensors itself (with comfy-aimdo) and raises struct.error / KeyError
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError, struct.error, KeyError, TypeError) as error:
         raise LoRAInputError(
             f"LoRA '{display_name}' could not be read as safetensors ({error}); the file is truncated or corrupt. "
             "Download or copy it again."
@@ -121,7 +143,8 @@ def read_safetensors(path: str, display_name: str) -> dict[str, torch.Tensor]:
 
 
 def _as_factor(adapter: object, target_shape: torch.Size, offset: tuple[int, int, int] | None) -> LowRankFactor | None:
-    """The per-row form of a ComfyUI adapter, or None when only the merge path can apply it."""
+    """The low-rank per-row form of a ComfyUI adapter, or None when it needs the dense form
+    (which also leaves shape mismatches to ComfyUI's merge math, which logs and skips them)."""
     if not isinstance(adapter, comfy.weight_adapter.LoRAAdapter):
         return None
     up, down, alpha, mid, dora_scale, reshape = adapter.weights
@@ -133,34 +156,65 @@ def _as_factor(adapter: object, target_shape: torch.Size, offset: tuple[int, int
     out_features = target_shape[0] if offset is None else offset[2]
     if up.shape[0] != out_features or down.ndim not in (2, 4) or up.flatten(1).shape[1] != rank:
         return None
+    if len(target_shape) not in (2, 4) or down.shape[1] != target_shape[1]:
+        return None
+    if down.ndim == 4 and (len(target_shape) != 4 or down.shape[2:] != target_shape[2:]):
+        return None
     scale = float(alpha) / rank if alpha is not None else 1.0
     return LowRankFactor(
         down=down.float(), up=up.flatten(1).float(), scale=scale, rows=None if offset is None else (offset[1], offset[2])
     )
 
 
+def split_target(target: object) -> tuple[str, tuple[int, int, int] | None, object | None]:
+    """``(key, offset, function)`` of a ``load_lora`` target: a key, ``(key, offset)`` or
+    ``(key, offset, function)`` (the form ``ModelPatcher.add_patches`` reads)."""
+    if isinstance(target, str):
+        return target, None, None
+    return target[0], target[1], target[2] if len(target) > 2 else None
+
+
+PARAMETER_SUFFIXES = (".weight", ".bias")
+# layers whose output is linear in their weight and bias, so a row's delta is just added to it
+PER_ROW_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
 def parse_lora(state: dict[str, torch.Tensor], model, display_name: str) -> ParsedLoRA:
-    """Split a LoRA state dict into per-row factors and fallback patches for ``model`` (a BaseModel)."""
+    """Split a LoRA state dict into low-rank factors and dense patches for ``model`` (a BaseModel)."""
     key_map = comfy.lora.model_lora_keys_unet(model, {})
     patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(state), key_map, log_missing=False)
     model_state = model.state_dict()
     parsed = ParsedLoRA(name=display_name, total=len(_lora_stems(state)), matched=len(patches))
     for target, adapter in patches.items():
-        key, offset = (target, None) if isinstance(target, str) else target
+        key, offset, function = split_target(target)
         weight = model_state.get(key)
+        if weight is None or not key.startswith(DIFFUSION_PREFIX) or not key.endswith(PARAMETER_SUFFIXES):
+            parsed.unsupported.append(key)
+            continue
+        module, parameter = key[len(DIFFUSION_PREFIX) :].rsplit(".", 1)
+        if not isinstance(model.diffusion_model.get_submodule(module), PER_ROW_MODULES):
+            parsed.unsupported.append(key)
+            continue
         factor = None
-        if weight is not None and key.startswith(DIFFUSION_PREFIX) and key.endswith(".weight"):
+        if parameter == "weight" and function is None:
             factor = _as_factor(adapter, weight.shape, offset)
-        if factor is None:
-            parsed.fallback_patches[target] = adapter
-        else:
-            module = key[len(DIFFUSION_PREFIX) : -len(".weight")]
+        if factor is not None:
             parsed.factors.setdefault(module, []).append(factor)
+        else:
+            parsed.dense_patches.setdefault(module, []).append(WeightPatch(module, parameter, adapter, offset, function))
     if not patches:
         sample = ", ".join(sorted(state)[:3])
         raise LoRAInputError(
             f"LoRA '{display_name}' matches none of the layers of this model ({model_family_name(model)}); the file looks "
             f"made for {guess_file_family(sorted(state))} (keys like {sample}). Use a LoRA trained for this model's family."
+        )
+    if parsed.unsupported:
+        LOG.warning(
+            "comfyui-loratorio: LoRA '%s' patches %d parameters that are not the weight or bias of a linear or "
+            "convolution layer (e.g. %s); the per-row path cannot apply them and skips them",
+            display_name,
+            len(parsed.unsupported),
+            ", ".join(parsed.unsupported[:3]),
         )
     if parsed.matched < parsed.total:
         LOG.warning(
@@ -171,6 +225,24 @@ def parse_lora(state: dict[str, torch.Tensor], model, display_name: str) -> Pars
             model_family_name(model),
         )
     return parsed
+
+
+def dense_delta(patches: list[WeightPatch], key_patches: list, strength: float, key: str) -> torch.Tensor | None:
+    """``delta = merge(W, patches) - W`` with ComfyUI's own merge math (``comfy.lora.calculate_weight``)
+    in float32, as ``ModelPatcher`` merges: exactly what LoraLoader adds to the parameter, for
+    any adapter type. ``W`` is the original weight with the model patcher's own patches applied
+    (``key_patches`` is ``[(original, convert), *patches]`` from ``ModelPatcher.get_key_patches``),
+    so a LoRA loaded upstream is respected. Returned in the weight's dtype; None when the merge
+    changes nothing (ComfyUI logs a patch whose shapes do not fit the layer and skips it)."""
+    (original, convert), *upstream = key_patches
+    weight = convert(original.detach().to(torch.float32, copy=True), inplace=True)
+    if upstream:
+        weight = comfy.lora.calculate_weight(upstream, weight, key)
+    ours = [(strength, patch.adapter, 1.0, patch.offset, patch.function) for patch in patches]
+    delta = comfy.lora.calculate_weight(ours, weight.clone(), key) - weight
+    if not torch.any(delta):
+        return None
+    return delta.to(original.dtype)
 
 
 class LoRAFileCache:

@@ -9,7 +9,7 @@ from .weight_map_image import render_weight_maps
 
 
 def _adapters(model, lora_stack) -> AdapterSet:
-    return AdapterSet(model.model, [(name, model_strength) for name, model_strength, _ in lora_stack])
+    return AdapterSet(model, [(name, model_strength) for name, model_strength, _ in lora_stack])
 
 
 def loratorio_guider(

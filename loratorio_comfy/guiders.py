@@ -4,7 +4,9 @@ Each guider is a thin ``comfy.samplers.CFGGuider``: per step it names the rows i
 ``(cond list, adapter)`` pairs, gets them from ONE ``calc_cond_batch`` call (ComfyUI batches them
 into as few forwards as memory allows; the per-row LoRA hooks give each row its adapter), combines
 them with ``loratorio_core`` and finishes with ``comfy.samplers.cfg_function`` so pre/post-CFG
-hooks and the CFG++ samplers keep working. The per-row hooks exist only while ``sample`` runs.
+hooks and the CFG++ samplers keep working. The adapters' deltas are built once per guider and
+registered while ``sample`` runs; the per-row forward hooks exist only inside each model call.
+No cond carries a ComfyUI hook: newer ComfyUI reloads the model when one does (dynamic VRAM).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import functools
 import math
 
-import comfy.hooks
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.samplers
@@ -20,7 +21,7 @@ import torch
 
 from .. import loratorio_core as lc
 from .adapter_set import AdapterSet
-from .row_lora import BASE_ROW, ROW_MAP_KEY, apply_model_with_rows, row_loras_installed
+from .row_lora import BASE_ROW, ROW_MAP_KEY, apply_model_with_rows, row_layers_registered
 
 WRAPPER_KEY = "loratorio"
 POSITIVE, NEGATIVE = "positive", "negative"
@@ -31,10 +32,13 @@ def adapter_cond_name(name: str, adapter: int) -> str:
     return f"{name}@{adapter}"
 
 
-def reserve_memory_for_rows(rows_per_step: int, executor, model, noise_shape, conds, model_options=None):
-    """``PREPARE_SAMPLING`` wrapper: ComfyUI reserves memory for 2 rows; reserve it for the real count."""
+def reserve_memory_for_rows(rows_per_step: int, executor, model, noise_shape, conds, *args, **kwargs):
+    """``PREPARE_SAMPLING`` wrapper: ComfyUI reserves memory for 2 rows; reserve it for the real count.
+
+    Everything after ``conds`` is passed on untouched: ComfyUI adds keywords here over time
+    (``force_full_load`` since 0.6.0, ``force_offload`` later)."""
     scaled = [max(1, math.ceil(noise_shape[0] * rows_per_step / 2)), *noise_shape[1:]]
-    return executor(model, scaled, conds, model_options=model_options)
+    return executor(model, scaled, conds, *args, **kwargs)
 
 
 class AdapterRowsGuider(comfy.samplers.CFGGuider):
@@ -65,26 +69,21 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
 
         By default every adapter row sees the base prompt encoding. ``adapter_positive`` /
         ``adapter_negative`` (one CONDITIONING per adapter, e.g. encoded with each LoRA's
-        text-encoder weights) replace it for the adapters' rows. Adapters that run through
-        ComfyUI's hooks path get copies of their conds with a LoRA hook attached (one hook group
-        per adapter, so its cond and uncond share a forward).
+        text-encoder weights) replace it for the adapters' rows.
         """
         conds = {POSITIVE: positive}
         if negative is not None:
             conds[NEGATIVE] = negative
         per_adapter = {POSITIVE: adapter_positive, NEGATIVE: adapter_negative}
         for name, given in per_adapter.items():
-            if given is not None and len(given) != len(self.adapters):
+            if given is None or name not in conds:
+                continue
+            if len(given) != len(self.adapters):
                 raise ValueError(
                     f"adapter_{name} holds {len(given)} conditionings for {len(self.adapters)} LoRAs; give one per LoRA"
                 )
-        for index, adapter in enumerate(self.adapters.adapters):
-            hooks = comfy.hooks.create_hook_lora(adapter.state, adapter.strength, 0.0) if adapter.via_hooks else None
-            for name, given in per_adapter.items():
-                if name not in conds or (given is None and hooks is None):
-                    continue
-                source = conds[name] if given is None else given[index]
-                conds[adapter_cond_name(name, index)] = comfy.hooks.set_hooks_for_conditioning(source, hooks)
+            for index, adapter_cond in enumerate(given):
+                conds[adapter_cond_name(name, index)] = adapter_cond
         self.inner_set_conds(conds)
 
     @property
@@ -98,7 +97,8 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
     def sample(self, *args, **kwargs):
         if self.uses_uncond and NEGATIVE not in self.original_conds:
             raise ValueError(f"cfg is {self.cfg} but no negative conditioning was given; connect one or set cfg to 1")
-        with row_loras_installed(self.model_patcher.model.diffusion_model, self.adapters.stacked_layers()):
+        with row_layers_registered(self.adapters.row_layers) as run_id:
+            self._run_id = run_id
             return super().sample(*args, **kwargs)
 
     def evaluate(
@@ -107,9 +107,12 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
         """Denoised predictions for ``(cond list name, adapter index or BASE_ROW)`` rows, one batch."""
         options = model_options.copy()
         transformer_options = dict(options.get("transformer_options", {}))
-        hooked = [a >= 0 and self.adapters.adapters[a].via_hooks for _, a in rows]
-        row_map = tuple(BASE_ROW if via_hooks else adapter for (_, adapter), via_hooks in zip(rows, hooked, strict=True))
-        transformer_options[ROW_MAP_KEY] = {"rows": row_map, "base_index": len(self.adapters)}
+        transformer_options[ROW_MAP_KEY] = {
+            "run": self._run_id,
+            "rows": tuple(adapter for _, adapter in rows),
+            "base_index": len(self.adapters),
+            "dense_adapters": self.adapters.dense_adapters,
+        }
         options["transformer_options"] = transformer_options
         conds = [self.conds.get(adapter_cond_name(name, adapter), self.conds[name]) for name, adapter in rows]
         return comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, options)

@@ -1,28 +1,36 @@
-"""Per-row LoRA: each row of a batch gets its own adapter's low-rank delta, base weights untouched.
+"""Per-row adapters: each row of a batch gets its own adapter's weight delta, base weights untouched.
 
-For a targeted layer with base output ``y = f(x; W0)``, row ``b`` assigned to adapter ``a(b)``
-gets ``y_b + up_a @ (down_a @ x_b)`` (``strength * alpha / rank`` folded into ``up_a``); rows of the
-base model get nothing. All adapters of a layer are stacked as ``down [N + 1, R, in]`` and
-``up [N + 1, out, R]`` (ranks zero-padded to the largest ``R``, fused-output slices zero-padded to
-the full output, index ``N`` all zeros for base rows), so one gathered batched matmul per layer
-serves every row: no loop over adapters, no weight written.
+For a targeted layer with base output ``y = f(x; W0, b0)`` (linear or convolution), row ``b``
+assigned to adapter ``a(b)`` gets ``y_b + f(x_b; dW_a, db_a)``; rows of the base model get nothing.
+Because ``f`` is linear in its parameters this equals running the row through the merged layer.
 
-The delta is added by a forward hook on the layer, installed only while a guider samples
-(:func:`row_loras_installed`). Which adapter each row belongs to comes from the
-``cond_or_uncond`` list ComfyUI's ``calc_cond_batch`` puts in ``transformer_options`` for every
-forward, mapped through the row map the guider sets (list index -> adapter index, -1 = base), by
-an ``APPLY_MODEL`` wrapper that publishes it to the hooks for the duration of that forward.
+Two forms of ``dW``:
+
+* low-rank (LoRA, LoCon): ``dW_a = up_a @ down_a`` (``strength * alpha / rank`` folded into
+  ``up_a``). All adapters of a layer are stacked as ``down [N + 1, R, in]`` and ``up [N + 1, out, R]``
+  (ranks zero-padded to the largest ``R``, fused-output slices zero-padded to the full output,
+  index ``N`` all zeros for base rows), so one gathered batched matmul per layer serves every row.
+* dense (LoHa, LoKr, OFT/BOFT, DoRA, GLoRA, Tucker, full diffs): ``dW_a = merge_a(W0) - W0`` from
+  ComfyUI's own merge math, built once per run (:func:`.adapters.dense_delta`).
+
+The deltas are applied by forward hooks that live for ONE model call: the ``APPLY_MODEL`` wrapper
+(:func:`apply_model_with_rows`) installs them on the diffusion model that call runs (the main
+model or a multi-GPU clone) with that call's row plan, and removes them when it returns. Which
+adapter each row belongs to comes from the ``cond_or_uncond`` list ComfyUI's ``calc_cond_batch``
+puts in ``transformer_options``, mapped through the row map the guider sets (list index ->
+adapter index, -1 = base).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import itertools
+import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from torch.nn.functional import conv2d
+import torch.nn.functional as F  # noqa: N812
 
 from .adapters import LowRankFactor
 
@@ -31,28 +39,27 @@ BASE_ROW = -1
 
 
 @dataclass(frozen=True)
-class RowPlan:
-    """Which rows of the forward in flight carry an adapter, and which one.
-
-    ``adapter_rows[j]`` is the stacked-layer index of row ``active[j]``; base-model rows are left
-    out, so their share of the low-rank work is skipped. ``active`` is None when every row carries
-    an adapter (no gather needed).
-    """
-
-    batch: int
-    adapter_rows: torch.Tensor
-    active: torch.Tensor | None
-
-
-_CURRENT_ROWS: contextvars.ContextVar[RowPlan | None] = contextvars.ContextVar("loratorio_rows", default=None)
-
-
-@dataclass(frozen=True)
 class StackedLayer:
-    """Every adapter's delta for one layer, ready to gather per row."""
+    """Every adapter's low-rank delta for one layer, ready to gather per row."""
 
     down: torch.Tensor  # [N + 1, R, in] or [N + 1, R, in, kh, kw]
     up: torch.Tensor  # [N + 1, out, R]
+
+
+@dataclass(frozen=True)
+class DenseDelta:
+    """One adapter's exact delta of one layer's parameters (either may be None)."""
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class LayerDeltas:
+    """What one layer adds per row: stacked low-rank factors and/or dense deltas by adapter index."""
+
+    low_rank: StackedLayer | None = None
+    dense: dict[int, DenseDelta] = field(default_factory=dict)
 
 
 def stack_layer(
@@ -84,48 +91,122 @@ def stack_layer(
     return StackedLayer(down=down_stack, up=up_stack)
 
 
+def _cast(tensor: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device, dtype)
+
+
+class RowLayers:
+    """The deltas of one sampling run, by module name, with copies cast per (device, dtype).
+
+    Registered for the run (:func:`row_layers_registered`) so that the per-call wrapper finds them
+    by an id in ``transformer_options``: model options are copied (and by some nodes deep-copied)
+    between calls, so they carry the id, never the tensors.
+    """
+
+    def __init__(self, layers: dict[str, LayerDeltas]) -> None:
+        self.layers = layers
+        self._cast: dict[tuple[str, torch.device, torch.dtype], LayerDeltas] = {}
+        self._lock = threading.Lock()  # multi-GPU threads cast for their own devices at once
+
+    def on(self, name: str, device: torch.device, dtype: torch.dtype) -> LayerDeltas:
+        key = (name, device, dtype)
+        cast = self._cast.get(key)
+        if cast is None:
+            layer = self.layers[name]
+            low_rank = layer.low_rank
+            if low_rank is not None:
+                low_rank = StackedLayer(low_rank.down.to(device, dtype), low_rank.up.to(device, dtype))
+            dense = {a: DenseDelta(_cast(d.weight, device, dtype), _cast(d.bias, device, dtype)) for a, d in layer.dense.items()}
+            cast = LayerDeltas(low_rank, dense)
+            with self._lock:
+                self._cast[key] = cast
+        return cast
+
+
+_RUNS: dict[int, RowLayers] = {}
+_RUN_IDS = itertools.count()
+
+
+@contextlib.contextmanager
+def row_layers_registered(layers: RowLayers) -> Iterator[int]:
+    """Make ``layers`` findable by the per-call wrapper for the duration of a run; yields its id."""
+    run_id = next(_RUN_IDS)
+    _RUNS[run_id] = layers
+    try:
+        yield run_id
+    finally:
+        del _RUNS[run_id]
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Which rows of one forward carry an adapter, and which one.
+
+    ``adapter_rows[j]`` is the stacked-layer index of row ``active[j]``; base-model rows are left
+    out, so their share of the low-rank work is skipped. ``active`` is None when every row carries
+    an adapter (no gather needed). ``rows_of`` lists each adapter's rows for the dense deltas.
+    """
+
+    batch: int
+    adapter_rows: torch.Tensor
+    active: torch.Tensor | None
+    rows_of: dict[int, torch.Tensor]
+
+
 class RowLoRAHook:
-    """The forward hook of one layer: adds each row's adapter delta to the layer's output."""
+    """The forward hook of one layer for one forward: adds each row's adapter delta to the output."""
 
-    def __init__(self, module: torch.nn.Module, layer: StackedLayer) -> None:
-        self.layer = layer
-        self.conv = isinstance(module, torch.nn.Conv2d)
+    def __init__(self, module: torch.nn.Module, name: str, layers: RowLayers, plan: RowPlan) -> None:
+        self.name, self.layers, self.plan = name, layers, plan
+        self.conv = isinstance(module, torch.nn.modules.conv._ConvNd)
         if self.conv:
-            self.stride, self.padding, self.dilation = module.stride, module.padding, module.dilation
-        self._cast: dict[tuple[torch.device, torch.dtype], StackedLayer] = {}
+            self.conv_args = {"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
+            self.groups = module.groups
+            self.conv_nd = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(module.kernel_size)]
 
-    def _on(self, device: torch.device, dtype: torch.dtype) -> StackedLayer:
-        key = (device, dtype)
-        if key not in self._cast:
-            self._cast[key] = StackedLayer(self.layer.down.to(device, dtype), self.layer.up.to(device, dtype))
-        return self._cast[key]
-
-    def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        plan = _CURRENT_ROWS.get()
-        if plan is None:
-            return None
+    def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        plan = self.plan
         x = args[0]
         if x.shape[0] != plan.batch:
             raise RuntimeError(
                 f"comfyui-loratorio: a layer saw a batch of {x.shape[0]} rows where the step has {plan.batch}; "
                 "this model family batches its layers in a way the per-row LoRA path does not support"
             )
+        layer = self.layers.on(self.name, x.device, x.dtype)
+        if layer.low_rank is not None:
+            output = self._add_low_rank(x, output, layer.low_rank)
+        for adapter, delta in layer.dense.items():
+            rows = plan.rows_of.get(adapter)
+            if rows is not None:
+                added = self._dense(x.index_select(0, rows), delta, output.shape)
+                output = output.index_add(0, rows, added.to(output.dtype))
+        return output
+
+    def _dense(self, x: torch.Tensor, delta: DenseDelta, out_shape: torch.Size) -> torch.Tensor:
+        if delta.weight is None:  # a bias-only patch: the bias broadcast over every output position
+            channel_last = delta.bias if not self.conv else delta.bias.reshape(-1, *([1] * (len(out_shape) - 2)))
+            return channel_last.expand(x.shape[0], *out_shape[1:])
+        if self.conv:
+            return self.conv_nd(x, delta.weight, delta.bias, groups=self.groups, **self.conv_args)
+        return F.linear(x, delta.weight, delta.bias)
+
+    def _add_low_rank(self, x: torch.Tensor, output: torch.Tensor, stacked: StackedLayer) -> torch.Tensor:
+        plan = self.plan
+        if plan.adapter_rows.numel() == 0:
+            return output
         if plan.active is not None:
             x = x.index_select(0, plan.active)
-        layer = self._on(x.device, x.dtype)
-        down, up = layer.down[plan.adapter_rows], layer.up[plan.adapter_rows]
+        down, up = stacked.down[plan.adapter_rows], stacked.up[plan.adapter_rows]
         if self.conv:
             batch, channels = x.shape[:2]
-            hidden = conv2d(
+            hidden = self.conv_nd(
                 x.reshape(1, batch * channels, *x.shape[2:]),
                 down.reshape(batch * down.shape[1], *down.shape[2:]),
-                stride=self.stride,
-                padding=self.padding,
-                dilation=self.dilation,
                 groups=batch,
+                **self.conv_args,
             )
             hidden = hidden.reshape(batch, down.shape[1], *hidden.shape[2:])
-            delta = torch.einsum("brhw,bor->bohw", hidden, up)
+            delta = torch.einsum("br...,bor->bo...", hidden, up)
         else:
             flat = x.reshape(x.shape[0], -1, x.shape[-1])
             delta = torch.bmm(torch.bmm(flat, down.transpose(1, 2)), up.transpose(1, 2))
@@ -134,13 +215,13 @@ class RowLoRAHook:
 
 
 @contextlib.contextmanager
-def row_loras_installed(diffusion_model: torch.nn.Module, layers: dict[str, StackedLayer]) -> Iterator[None]:
-    """Hooks on the named layers of ``diffusion_model`` for the duration of the block, always removed."""
+def row_loras_installed(diffusion_model: torch.nn.Module, layers: RowLayers, plan: RowPlan) -> Iterator[None]:
+    """Hooks with ``plan`` on the layers of ``diffusion_model`` for the duration of the block, always removed."""
     handles = []
     try:
-        for name, layer in layers.items():
+        for name in layers.layers:
             module = diffusion_model.get_submodule(name)
-            handles.append(module.register_forward_hook(RowLoRAHook(module, layer)))
+            handles.append(module.register_forward_hook(RowLoRAHook(module, name, layers, plan)))
         yield
     finally:
         for handle in handles:
@@ -156,22 +237,35 @@ def rows_for_forward(row_map: Sequence[int], cond_or_uncond: Sequence[int], batc
     return torch.tensor(per_chunk, dtype=torch.long).repeat_interleave(batch // chunks)
 
 
+def row_plan(rows: torch.Tensor, base_index: int, device: torch.device, dense_adapters: set[int]) -> RowPlan:
+    """The plan of one forward from its per-row stacked-layer indices (on the CPU), moved to ``device`` once."""
+    active = (rows != base_index).nonzero().flatten()
+    all_active = active.numel() == rows.numel()
+    rows_of = {}
+    for adapter in dense_adapters:
+        members = (rows == adapter).nonzero().flatten()
+        if members.numel():
+            rows_of[adapter] = members.to(device)
+    return RowPlan(rows.numel(), rows[active].to(device), None if all_active else active.to(device), rows_of)
+
+
 def apply_model_with_rows(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
-    """``APPLY_MODEL`` wrapper: publishes the per-row adapter indices to the hooks for one forward."""
+    """``APPLY_MODEL`` wrapper: the per-row hooks, installed for this one model call and removed after.
+
+    ``executor.class_obj`` is the ``BaseModel`` this call runs: the main model, or a clone on
+    another GPU in ComfyUI's multi-GPU path, whose rows then carry their adapters too.
+    """
     options = transformer_options or {}
     row_map = options.get(ROW_MAP_KEY)
     if row_map is None:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    layers = _RUNS.get(row_map["run"])
+    if layers is None:
+        raise RuntimeError("comfyui-loratorio: a model call arrived after its sampling run ended")
     base_index = row_map["base_index"]
     rows = rows_for_forward(row_map["rows"], options["cond_or_uncond"], x.shape[0], base_index)
-    active = (rows != base_index).nonzero().flatten()
-    plan = None
-    if active.numel():
-        # built and moved to the device once per forward, not once per layer
-        all_active = active.numel() == rows.numel()
-        plan = RowPlan(x.shape[0], rows[active].to(x.device), None if all_active else active.to(x.device))
-    token = _CURRENT_ROWS.set(plan)
-    try:
+    if bool((rows == base_index).all()):
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    finally:
-        _CURRENT_ROWS.reset(token)
+    plan = row_plan(rows, base_index, x.device, row_map["dense_adapters"])
+    with row_loras_installed(executor.class_obj.diffusion_model, layers, plan):
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
@@ -23,6 +25,16 @@ def ksampler_sigmas(model_patcher, steps: int, scheduler: str, denoise: float) -
     return sampler.sigmas
 
 
+# Newer ComfyUI's EmptyLatentImage records the image-to-latent scale it assumed (8); KSampler
+# resizes an empty latent for families whose VAE scales differently. 0.3.75 has neither.
+LATENT_SCALE_KEYS = ("downscale_ratio_spacial", "downscale_ratio_temporal")
+
+
+def _latent_scale_arguments(latent: dict) -> dict:
+    accepted = inspect.signature(comfy.sample.fix_empty_latent_channels).parameters
+    return {key: latent.get(key) for key in LATENT_SCALE_KEYS if key in accepted}
+
+
 def sample_latent(
     guider: comfy.samplers.CFGGuider,
     latent: dict,
@@ -34,7 +46,7 @@ def sample_latent(
 ) -> dict:
     """Sample ``latent`` with ``guider`` exactly as ``common_ksampler`` does with its CFG guider."""
     model_patcher = guider.model_patcher
-    latent_image = comfy.sample.fix_empty_latent_channels(model_patcher, latent["samples"])
+    latent_image = comfy.sample.fix_empty_latent_channels(model_patcher, latent["samples"], **_latent_scale_arguments(latent))
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     sigmas = ksampler_sigmas(model_patcher, steps, scheduler, denoise)
     callback = latent_preview.prepare_callback(model_patcher, sigmas.shape[-1] - 1)
@@ -48,6 +60,6 @@ def sample_latent(
         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
         seed=seed,
     )
-    out = latent.copy()
+    out = {key: value for key, value in latent.items() if key not in LATENT_SCALE_KEYS}
     out["samples"] = samples.to(comfy.model_management.intermediate_device())
     return out

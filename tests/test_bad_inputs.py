@@ -26,7 +26,7 @@ def good_lora(sd15, loras_folder) -> str:
 
 
 def adapter_set(engine, sd15, entries):
-    return engine.adapter_set.AdapterSet(sd15.model, entries)
+    return engine.adapter_set.AdapterSet(sd15, entries)
 
 
 def test_missing_lora_file(engine, sd15, loras_folder):

@@ -18,13 +18,14 @@ import loratorio_core as lc
 from support.engine_helpers import (
     STEPS,
     ForwardCounter,
+    assert_no_hooks_left,
     assert_same_weights,
     comfy_conditioning,
     make_guider,
     run_sampler,
     snapshot,
 )
-from support.lora_files import KEY_STYLES, write_lora
+from support.lora_files import KEY_STYLES, LYCORIS_KINDS, write_lora, write_lycoris
 from support.tiny_models import FAMILIES, conditioning, latent
 
 
@@ -39,16 +40,19 @@ def merged_prediction(patcher, family: str, lora_file, strength: float) -> torch
 
 
 def row_predictions(engine, patcher, family: str, adapters, row_map: tuple[int, ...]) -> list[torch.Tensor]:
-    """One forward whose rows carry the adapters of ``row_map`` (-1 = base), through the hooks."""
+    """One forward whose rows carry the adapters of ``row_map`` (-1 = base), through the APPLY_MODEL wrapper."""
     rows = len(row_map)
-    options = {engine.row_lora.ROW_MAP_KEY: {"rows": row_map, "base_index": len(adapters)}, "cond_or_uncond": list(range(rows))}
-    comfy.patcher_extension.add_wrapper_with_key(
-        comfy.patcher_extension.WrappersMP.APPLY_MODEL, "loratorio", engine.row_lora.apply_model_with_rows, options
-    )
-    kwargs = {k: v.repeat(rows, *([1] * (v.ndim - 1))) for k, v in conditioning(family).items()}
-    x = latent(family).repeat(rows, 1, 1, 1)
-    with engine.row_lora.row_loras_installed(patcher.model.diffusion_model, adapters.stacked_layers()), torch.no_grad():
-        out = patcher.model.apply_model(x, torch.tensor([2.0] * rows), transformer_options=options, **kwargs)
+    with engine.row_lora.row_layers_registered(adapters.row_layers) as run_id:
+        row_plan = {"run": run_id, "rows": row_map, "base_index": len(adapters), "dense_adapters": adapters.dense_adapters}
+        options = {engine.row_lora.ROW_MAP_KEY: row_plan, "cond_or_uncond": list(range(rows))}
+        comfy.patcher_extension.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.APPLY_MODEL, "loratorio", engine.row_lora.apply_model_with_rows, options
+        )
+        kwargs = {k: v.repeat(rows, *([1] * (v.ndim - 1))) for k, v in conditioning(family).items()}
+        x = latent(family).repeat(rows, 1, 1, 1)
+        with torch.no_grad():
+            out = patcher.model.apply_model(x, torch.tensor([2.0] * rows), transformer_options=options, **kwargs)
+    assert_no_hooks_left(patcher)
     return list(out.chunk(rows))
 
 
@@ -58,7 +62,7 @@ def test_adapter_rows_equal_comfyui_merged_lora(engine, family, style, tiny_mode
     patcher = tiny_model_factory(family)
     files = [write_lora(loras_folder / f"{style}{i}.safetensors", family, patcher.model, style, seed=i) for i in range(2)]
     strengths = (0.7, -1.3)
-    adapters = engine.adapter_set.AdapterSet(patcher.model, [(f.name, s) for f, s in zip(files, strengths, strict=True)])
+    adapters = engine.adapter_set.AdapterSet(patcher, [(f.name, s) for f, s in zip(files, strengths, strict=True)])
     base, first, second = row_predictions(engine, patcher, family, adapters, (-1, 0, 1))
     with torch.no_grad():
         plain = patcher.model.apply_model(latent(family), torch.tensor([2.0]), **conditioning(family))
@@ -270,33 +274,51 @@ def ksampler_on(patcher, cfg: float = 5.0) -> torch.Tensor:
     return out["samples"]
 
 
-@pytest.mark.parametrize("style", ["kohya", "loha"])
+def write_any(folder: Path, style: str, model, seed: int) -> Path:
+    path = folder / f"one_{style}.safetensors"
+    if style in LYCORIS_KINDS:
+        return write_lycoris(path, "sd15", model, style, seed=seed)
+    return write_lora(path, "sd15", model, style, seed=seed)
+
+
+@pytest.mark.parametrize("style", ["kohya", "loha", *LYCORIS_KINDS])
 def test_composite_of_one_adapter_equals_ksampler_on_the_merged_model(engine, tiny_model_factory, loras_folder, style, caplog):
-    """End to end: one adapter through our guider (per-row path, or hooks path for LoHa) equals
-    ComfyUI's own LoraLoader + KSampler."""
+    """End to end: one adapter of each type through our guider (low-rank rows for LoRA, exact dense
+    rows for LoHa, LoKr, OFT, DoRA and full diffs) equals ComfyUI's own LoraLoader + KSampler."""
     patcher = tiny_model_factory("sd15")
-    lora_file = write_lora(loras_folder / f"one_{style}.safetensors", "sd15", patcher.model, style, seed=3)
+    lora_file = write_any(loras_folder, style, patcher.model, seed=3)
     (merged,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, lora_file.name, 0.8)
     expected = ksampler_on(merged)
     with caplog.at_level("INFO"):
         guider = make_guider(engine, "composite", patcher, [(lora_file.name, 0.8, 0.8)])
-    assert ("hooks path" in caplog.text) == (style == "loha")
+    assert ("exact dense deltas" in caplog.text) == (style != "kohya")
     got = run_sampler(engine, guider)["samples"]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     assert not torch.allclose(got, ksampler_on(patcher), atol=1e-3)
 
 
-def test_hooks_path_adapter_beside_batched_adapters(engine, tiny_model_factory, sd15_stack, loras_folder):
+def test_no_adapter_type_reaches_comfyui_hooks(engine, tiny_model_factory, sd15_stack, loras_folder, monkeypatch):
+    """Newer ComfyUI reloads the model when a cond carries hooks (dynamic VRAM): every adapter type,
+    mixed with plain LoRAs, runs in ONE batched forward per step with no hook on any cond."""
+    import comfy.hooks
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pack must not use ComfyUI's hooks")
+
+    for name in ("create_hook_lora", "set_hooks_for_conditioning", "create_hook_model_as_lora"):
+        monkeypatch.setattr(comfy.hooks, name, refuse)
     patcher = tiny_model_factory("sd15")
     weights = snapshot(patcher)
-    loha = write_lora(loras_folder / "mixed_loha.safetensors", "sd15", patcher.model, "loha", seed=7).name
-    guider = make_guider(engine, "loratorio", patcher, [*sd15_stack[:2], (loha, 1.0, 1.0)], recentre_lambda=0.5)
+    dense = [write_any(loras_folder, kind, patcher.model, seed=7 + i).name for i, kind in enumerate(("loha", "dora"))]
+    stack = [*sd15_stack[:2], *((name, 1.0, 1.0) for name in dense)]
+    guider = make_guider(engine, "loratorio", patcher, stack, recentre_lambda=0.5)
+    assert not any("hooks" in cond for conds in guider.original_conds.values() for cond in conds)
     with ForwardCounter(patcher) as counter:
         out = run_sampler(engine, guider)["samples"]
     assert torch.isfinite(out).all()
-    # per step: one forward for the base and the two batched adapters (cond + uncond each), one for the LoHa's pair
-    assert sorted(counter.rows) == sorted([2 + 2 * 2, 2] * STEPS)
+    assert counter.rows == [2 + 2 * len(stack)] * STEPS, "one forward per step: base and every adapter, cond + uncond"
     assert_same_weights(patcher, weights)
+    assert_no_hooks_left(patcher)
 
 
 def test_memory_is_reserved_for_the_real_row_count(engine, tiny_model_factory, sd15_stack, monkeypatch):

@@ -68,6 +68,6 @@ def test_adapter_prompt_count_must_match(engine, clip, te_lora, unet_only_lora, 
 
 def test_text_encoder_layers_do_not_count_as_unmatched(engine, te_lora, tiny_model_factory, caplog):
     with caplog.at_level("WARNING"):
-        adapters = engine.adapter_set.AdapterSet(tiny_model_factory("sd15").model, [(te_lora, 1.0)])
+        adapters = engine.adapter_set.AdapterSet(tiny_model_factory("sd15"), [(te_lora, 1.0)])
     assert "matched" not in caplog.text
     assert adapters.adapters[0].parsed.matched == adapters.adapters[0].parsed.total == 75

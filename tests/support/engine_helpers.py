@@ -28,6 +28,11 @@ def assert_same_weights(patcher, before: dict[str, torch.Tensor]) -> None:
     assert before.keys() == after.keys()
     for key, value in before.items():
         assert torch.equal(value, after[key]), f"base weight {key} changed"
+    assert_no_hooks_left(patcher)
+
+
+def assert_no_hooks_left(patcher) -> None:
+    """The per-row hooks live for one model call: none may outlast it."""
     hooked = [n for n, m in patcher.model.named_modules() if m._forward_hooks]
     assert not hooked, f"forward hooks left on {hooked[:3]}"
 

@@ -158,7 +158,7 @@ def write_peft(path: Path, family: str, model, rank: int = 4, seed: int = 0) -> 
 
 
 def write_loha(path: Path, family: str, model, rank: int = 4, alpha: float = 4.0, seed: int = 0) -> Path:
-    """A LyCORIS LoHa (Hadamard product) file on the linear layers: a type only the hooks path applies."""
+    """A LyCORIS LoHa (Hadamard product) file on the linear layers: applied as dense per-row deltas."""
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for target in diffusers_targets(family, model):
@@ -174,6 +174,44 @@ def write_loha(path: Path, family: str, model, rank: int = 4, alpha: float = 4.0
         ):
             tensors[f"{stem}.hada_{name}"] = torch.randn(shape, generator=generator) * 0.3
         tensors[f"{stem}.alpha"] = torch.tensor(float(alpha))
+    safetensors.torch.save_file(tensors, str(path))
+    return path
+
+
+def _lycoris_tensors(kind: str, target: Target, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The tensors LyCORIS writes for one layer (suffix -> tensor), in the key names ComfyUI reads."""
+    out_features, in_features = target.shape[0], target.shape[1]
+    normal = lambda *shape: torch.randn(shape, generator=generator)  # noqa: E731
+    if kind == "lokr":  # kron(w1, w2) with a full w1 and a low-rank w2
+        return {
+            "lokr_w1": normal(2, 2) * 0.5,
+            "lokr_w2_a": normal(out_features // 2, 4) * 0.3,
+            "lokr_w2_b": normal(4, in_features // 2) * 0.3,
+            "alpha": torch.tensor(4.0),
+        }
+    if kind == "oft":  # block-diagonal rotation of the output channels, 4 blocks
+        return {"oft_blocks": normal(4, out_features // 4, out_features // 4) * 0.05}
+    if kind == "dora":  # a LoRA with a learned per-output magnitude
+        up, down = _low_rank_pair(target.shape, 4, generator)
+        magnitude = torch.linalg.vector_norm(normal(out_features, in_features), dim=1, keepdim=True) * 0.1
+        return {"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(4.0), "dora_scale": magnitude}
+    if kind == "full":  # a full weight and bias difference
+        return {"diff": normal(*target.shape) * 0.02, "diff_b": normal(out_features) * 0.02}
+    raise ValueError(f"unknown LyCORIS kind {kind!r}")
+
+
+LYCORIS_KINDS = ("lokr", "oft", "dora", "full")
+
+
+def write_lycoris(path: Path, family: str, model, kind: str, seed: int = 0) -> Path:
+    """A LyCORIS-style file of ``kind`` (LoKr, OFT, DoRA or a full diff) on the linear layers."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for target in diffusers_targets(family, model):
+        if len(target.shape) != 2 or target.offset is not None:
+            continue
+        stem = "lora_unet_" + target.file_name.replace(".", "_")
+        tensors.update({f"{stem}.{suffix}": t.contiguous() for suffix, t in _lycoris_tensors(kind, target, generator).items()})
     safetensors.torch.save_file(tensors, str(path))
     return path
 

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import comfy.ldm.flux.model
 import comfy.model_patcher
 import comfy.sd
 import comfy.sd1_clip
@@ -107,6 +108,10 @@ FLUX_CONFIG = {
     "depth": 1,
     "depth_single_blocks": 1,
 }
+# Since ComfyUI 0.4.0 FluxParams requires txt_ids_dims (model detection sets [] for Flux.1); 0.3.75
+# rejects the key, so it is added only where the field exists.
+if "txt_ids_dims" in getattr(comfy.ldm.flux.model.FluxParams, "__dataclass_fields__", {}):
+    FLUX_CONFIG["txt_ids_dims"] = []
 
 UNET_TARGETS = (
     "attn1.to_q",
