@@ -4,7 +4,7 @@ PYTHON ?= python3
 HOST := $(PYTHON) tools/host.py
 PORT ?= 8188
 
-.PHONY: demo serve test host lint format workflows
+.PHONY: demo serve test compat host lint format workflows
 
 demo:  ## every method through ComfyUI's HTTP API on the demo models; images and a comparison sheet in out/demo
 	$(HOST) run -- tools/demo.py $(DEMO_ARGS)
@@ -16,6 +16,11 @@ serve:  ## write the demo models, start ComfyUI with the pack for the graph edit
 test:  ## the whole test suite against the real ComfyUI host (installs Debian's Chromium for the graph-editor tests)
 	$(PYTHON) tools/browser.py
 	$(HOST) run -- -m pytest $(PYTEST_ARGS)
+
+compat:  ## the whole suite against another ComfyUI tree: make compat COMFYUI=/path/to/ComfyUI (see docs/compatibility.md)
+	@test -n "$(COMFYUI)" || { echo "usage: make compat COMFYUI=/path/to/ComfyUI (the folder with main.py)"; exit 2; }
+	$(PYTHON) tools/browser.py
+	$(PYTHON) tools/compat.py test --comfyui "$(COMFYUI)" -- $(PYTEST_ARGS)
 
 host:  ## build (or reuse) the host and print where it is
 	$(HOST) setup
