@@ -20,7 +20,7 @@ test:  ## the whole test suite against the real ComfyUI host (installs Debian's 
 compat:  ## the whole suite against another ComfyUI tree: make compat COMFYUI=/path/to/ComfyUI (see docs/compatibility.md)
 	@test -n "$(COMFYUI)" || { echo "usage: make compat COMFYUI=/path/to/ComfyUI (the folder with main.py)"; exit 2; }
 	$(PYTHON) tools/browser.py
-	$(PYTHON) tools/compat.py test --comfyui "$(COMFYUI)" -- $(PYTEST_ARGS)
+	$(PYTHON) tools/compat.py test --comfyui "$(COMFYUI)" $(if $(FRONTEND),--frontend $(FRONTEND)) -- $(PYTEST_ARGS)
 
 host:  ## build (or reuse) the host and print where it is
 	$(HOST) setup

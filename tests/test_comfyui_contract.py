@@ -102,7 +102,9 @@ def test_empty_latent_with_downscale_ratio_samples_like_ksampler(engine, tiny_mo
     assert out["samples"].shape == (1, 4, 16, 16) and torch.isfinite(out["samples"]).all()
     accepted = inspect.signature(comfy.sample.fix_empty_latent_channels).parameters
     forwarded = engine.sampling._latent_scale_arguments({"downscale_ratio_spacial": 16})
-    assert forwarded == ({"downscale_ratio_spacial": 16, "downscale_ratio_temporal": None} if "downscale_ratio_spacial" in accepted else {})
+    assert forwarded == (
+        {"downscale_ratio_spacial": 16, "downscale_ratio_temporal": None} if "downscale_ratio_spacial" in accepted else {}
+    )
 
 
 def test_loader_errors_of_the_aimdo_parser_name_the_file(engine, tiny_model_factory, loras_folder, monkeypatch):
@@ -115,7 +117,10 @@ def test_loader_errors_of_the_aimdo_parser_name_the_file(engine, tiny_model_fact
     if hasattr(memory_management, "aimdo_enabled") and hasattr(comfy.utils, "load_safetensors"):
         monkeypatch.setattr(memory_management, "aimdo_enabled", True)
     else:
-        errors = {"short.safetensors": struct.error("unpack requires a buffer of 8 bytes"), "no_offsets.safetensors": KeyError("data_offsets")}
+        errors = {
+            "short.safetensors": struct.error("unpack requires a buffer of 8 bytes"),
+            "no_offsets.safetensors": KeyError("data_offsets"),
+        }
 
         def newer_loader(path, *args, **kwargs):
             raise errors[path.rsplit("/", 1)[-1]]
@@ -153,4 +158,6 @@ def test_multi_gpu_clone_rows_carry_their_adapters(engine, tiny_model_factory, s
 @pytest.fixture
 def sd15_loras(tiny_model_factory, loras_folder) -> list[tuple[str, float, float]]:
     model = tiny_model_factory("sd15").model
-    return [(write_lora(loras_folder / f"c{i}.safetensors", "sd15", model, "kohya", seed=20 + i).name, 1.0, 1.0) for i in range(2)]
+    return [
+        (write_lora(loras_folder / f"c{i}.safetensors", "sd15", model, "kohya", seed=20 + i).name, 1.0, 1.0) for i in range(2)
+    ]

@@ -71,7 +71,7 @@ def test_toy_lora_is_read_fully_by_comfyuis_lora_loader_and_the_per_row_engine(e
     # 11 res blocks x 2 convolutions, and the output convolution
     assert len(patches) == layers == 4 * 10 + 11 * 2 + 1
     parsed = engine.adapters.parse_lora(state, patcher.model, concept.name)
-    assert parsed.matched == parsed.total == layers and not parsed.needs_fallback
+    assert parsed.matched == parsed.total == layers and not parsed.dense_patches
 
 
 def test_toy_model_samples_through_every_method_of_the_harness(pack, toy_files, monkeypatch):

@@ -56,6 +56,13 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=15)
 
 
+def frontend_arguments() -> list[str]:
+    """``--front-end-root`` when ``LORATORIO_FRONTEND_ROOT`` names another frontend build to serve
+    (``tools/compat.py --frontend VERSION`` sets it); ComfyUI's installed frontend otherwise."""
+    root = os.environ.get("LORATORIO_FRONTEND_ROOT")
+    return ["--front-end-root", root] if root else []
+
+
 @contextlib.contextmanager
 def comfyui_server(
     comfyui_dir: Path, work_dir: Path, startup_timeout: float = 240.0, extra_args: tuple[str, ...] = ()
@@ -84,6 +91,7 @@ def comfyui_server(
         str(work_dir / "user"),
         "--database-url",
         "sqlite:///:memory:",
+        *frontend_arguments(),
         *extra_args,
     ]
     with open(log_path, "wb") as log:

@@ -6,8 +6,10 @@
         into DIR; blobs the mirror lacks (some mirrors drop files of 4 MiB or more) are listed, not fatal
     python3 tools/compat.py setup --comfyui DIR
         build (or reuse) a virtual environment for that tree and print where it is
-    python3 tools/compat.py test --comfyui DIR [-- PYTEST_ARGS...]
-        the whole suite (browser tests included) against that tree: ``make compat COMFYUI=DIR``
+    python3 tools/compat.py test --comfyui DIR [--frontend VERSION] [-- PYTEST_ARGS...]
+        the whole suite (browser tests included) against that tree: ``make compat COMFYUI=DIR``;
+        ``--frontend`` serves another ``comfyui-frontend-package`` release (e.g. the newest on PyPI)
+        instead of the one the tree pins (``make compat COMFYUI=DIR FRONTEND=1.58.1``)
 
 The environment for a tree lives in ``$LORATORIO_CACHE/compat-<key>`` (default cache
 ``~/.cache/comfyui-loratorio``), keyed by the tree's ``requirements.txt``, its version and this
@@ -96,6 +98,29 @@ def ensure_env(tree: Path) -> Path:
     return python
 
 
+def ensure_frontend(version: str) -> Path:
+    """The static files of ``comfyui-frontend-package==version``, installed on their own (no
+    dependencies) beside the environments, for ComfyUI's ``--front-end-root``."""
+    target = cache_root() / f"frontend-{version}"
+    static = target / "comfyui_frontend_package" / "static"
+    if not (static / "index.html").is_file():
+        say(f"installing comfyui-frontend-package=={version} into {target}")
+        run_pip(
+            Path(sys.executable),
+            [
+                "install",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--upgrade",
+                "--target",
+                str(target),
+                f"comfyui-frontend-package=={version}",
+            ],
+            f"installing the frontend {version}",
+        )
+    return static
+
+
 def extract(mirror: Path, commit: str, out: Path) -> None:
     """Write every blob of ``commit`` under ``out``; blobs the mirror lacks are reported."""
     if out.exists() and any(out.iterdir()):
@@ -150,6 +175,7 @@ def main(argv: list[str]) -> int:
     for name, help_text in (("setup", "build the tree's environment"), ("test", "run the suite against the tree")):
         command = sub.add_parser(name, help=help_text)
         command.add_argument("--comfyui", type=Path, required=True, help="the ComfyUI folder (the one with main.py)")
+        command.add_argument("--frontend", help="serve this comfyui-frontend-package version instead of the tree's pin")
         command.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: arguments for pytest")
     options = parser.parse_args(argv)
     try:
@@ -158,13 +184,17 @@ def main(argv: list[str]) -> int:
             return 0
         tree = check_tree(options.comfyui)
         python = ensure_env(tree)
+        frontend_root = ensure_frontend(options.frontend) if options.frontend else None
     except (HostError, subprocess.CalledProcessError) as error:
         print(f"[compat] error: {error}", file=sys.stderr)
         return 2
-    print(f"COMFYUI_DIR={tree}\nPYTHON={python}\nVERSION={comfyui_version(tree)}\nFRONTEND={pinned_frontend(tree)}", flush=True)
+    frontend = options.frontend or pinned_frontend(tree)
+    print(f"COMFYUI_DIR={tree}\nPYTHON={python}\nVERSION={comfyui_version(tree)}\nFRONTEND={frontend}", flush=True)
     if options.command == "setup":
         return 0
     env = {**os.environ, "LORATORIO_COMFYUI": str(tree), "LORATORIO_PYTHON": str(python)}
+    if frontend_root is not None:
+        env["LORATORIO_FRONTEND_ROOT"] = str(frontend_root)
     env["VIRTUAL_ENV"] = str(python.parent.parent)
     env["PATH"] = f"{python.parent}{os.pathsep}{env.get('PATH', '')}"
     pytest_args = options.pytest_args[1:] if options.pytest_args[:1] == ["--"] else options.pytest_args
