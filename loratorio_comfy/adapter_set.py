@@ -27,10 +27,9 @@ def lora_path(name: str) -> str:
     """The full path of a LoRA in ComfyUI's ``loras`` folders, or an error that says where we looked."""
     path = folder_paths.get_full_path("loras", name)
     if path is None:
-        folders = ", ".join(folder_paths.get_folder_paths("loras"))
         raise LoRAInputError(
-            f"LoRA file '{name}' is not in ComfyUI's loras folders ({folders}). "
-            "Put the file there (or fix the name) and press Refresh in the graph editor."
+            f"LoRA file '{name}' is not in ComfyUI's loras folders (models/loras and any loras folder of "
+            "extra_model_paths.yaml). Put the file there (or fix the name) and press Refresh in the graph editor."
         )
     return path
 

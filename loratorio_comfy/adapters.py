@@ -37,6 +37,15 @@ class LoRAInputError(ValueError):
     """A LoRA file or stack cannot be used; the message names the problem and the fix."""
 
 
+# ComfyUI reports an error's type as "<module>.<name>"; a custom node's module is named after its
+# install path, which must not reach API clients.
+LoRAInputError.__module__ = "loratorio"
+
+# Strengths people use sit within +-10 (the loader's widget range); past this bound a LoRA only
+# overflows the activations into a black image.
+MAX_STRENGTH = 100.0
+
+
 @dataclass(frozen=True)
 class LowRankFactor:
     """``delta_W = scale * up @ down`` for one layer, optionally on a slice of its output rows.
@@ -107,8 +116,16 @@ def _lora_stems(state: dict[str, torch.Tensor]) -> set[str]:
     return stems
 
 
-def guess_file_family(keys: list[str]) -> str:
-    """A human description of which model family a LoRA's keys look like, for error messages."""
+# the width of cross-attention keys (the text encoder's output) tells the UNet families apart
+CONTEXT_WIDTHS = {768: "SD1.5", 1024: "SD2.x", 2048: "SDXL"}
+CROSS_ATTENTION_KEY = re.compile(r"attn2.?to_k.*(lora_down|lora_A|lora\.down)")
+
+
+def guess_file_family(keys: list[str], state: dict[str, torch.Tensor] | None = None) -> str:
+    """A human description of which model family a LoRA's keys (and shapes) look like, for messages."""
+    for key in keys if state is not None else ():
+        if CROSS_ATTENTION_KEY.search(key) and state[key].ndim == 2 and state[key].shape[1] in CONTEXT_WIDTHS:
+            return CONTEXT_WIDTHS[state[key].shape[1]]
     text = " ".join(keys[:4000])
     if "double_blocks" in text or "single_blocks" in text or "single_transformer_blocks" in text:
         return "Flux"
@@ -125,21 +142,36 @@ def model_family_name(model) -> str:
     return type(model.model_config).__name__
 
 
+def without_folders(text: str, path: str) -> str:
+    """``text`` (e.g. a loader's error) with the file's folder removed: messages reach API clients."""
+    folder = os.path.dirname(path)
+    return text.replace(folder + os.sep, "").replace(folder, "") if folder else text
+
+
 def read_safetensors(path: str, display_name: str) -> dict[str, torch.Tensor]:
-    """Load a ``.safetensors`` file; anything else is refused (never unpickled)."""
+    """Load a ``.safetensors`` file; anything else is refused (never unpickled). A file with NaN or
+    infinite values is refused too: it can only give a black image."""
     if not path.lower().endswith(SAFETENSORS_SUFFIXES):
         raise LoRAInputError(
             f"LoRA '{display_name}' is not a .safetensors file. Pickled formats (.ckpt, .pt, .bin) can run code when "
             "loaded and are refused; convert the file to .safetensors."
         )
     try:
-        return comfy.utils.load_torch_file(path, safe_load=True)
+        state = comfy.utils.load_torch_file(path, safe_load=True)
     # newer ComfyUI parses safetensors itself (with comfy-aimdo) and raises struct.error / KeyError
     except (safetensors.SafetensorError, OSError, ValueError, RuntimeError, struct.error, KeyError, TypeError) as error:
+        reason = without_folders(str(error), path).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise LoRAInputError(
-            f"LoRA '{display_name}' could not be read as safetensors ({error}); the file is truncated or corrupt. "
+            f"LoRA '{display_name}' could not be read as safetensors ({reason}); the file is truncated or corrupt. "
             "Download or copy it again."
         ) from None
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise LoRAInputError(
+                f"LoRA '{display_name}' holds NaN or infinite values (first in '{key}'); it can only give a black image. "
+                "The file was saved from a diverged training run or is damaged: use another checkpoint of the LoRA."
+            )
+    return state
 
 
 def _as_factor(adapter: object, target_shape: torch.Size, offset: tuple[int, int, int] | None) -> LowRankFactor | None:
@@ -179,17 +211,74 @@ PARAMETER_SUFFIXES = (".weight", ".bias")
 PER_ROW_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 
-def parse_lora(state: dict[str, torch.Tensor], model, display_name: str) -> ParsedLoRA:
-    """Split a LoRA state dict into low-rank factors and dense patches for ``model`` (a BaseModel)."""
+def lora_shape_mismatch(adapter: object, weight_shape: torch.Size, offset: tuple[int, int, int] | None) -> str | None:
+    """For a plain LoRA, how its shapes fail to fit the layer (as a phrase), or None when they fit."""
+    if not isinstance(adapter, comfy.weight_adapter.LoRAAdapter):
+        return None
+    up, down = adapter.weights[0], adapter.weights[1]
+    out_features = weight_shape[0] if offset is None or offset[0] != 0 else offset[2]
+    in_features = weight_shape[1] if len(weight_shape) > 1 else None
+    if adapter.weights[3] is None and in_features is not None and down.ndim >= 2 and down.shape[1] != in_features:
+        return f"the layer takes {in_features} inputs, the file's LoRA {down.shape[1]}"
+    if up.shape[0] != out_features:
+        return f"the layer gives {out_features} outputs, the file's LoRA {up.shape[0]}"
+    return None
+
+
+def lora_key_map(model) -> dict[str, object]:
+    """ComfyUI's key map for ``model``, plus the UNet attention names diffusers' own training scripts
+    write (``unet.<block>.attn1.to_q``): ComfyUI maps them only in the attention-processor form
+    (``attn1.processor.to_q``) and would drop every attention layer of such a file."""
     key_map = comfy.lora.model_lora_keys_unet(model, {})
-    patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(state), key_map, log_missing=False)
+    config = model.model_config.unet_config
+    if "num_res_blocks" not in config or not hasattr(comfy.utils, "unet_to_diffusers"):
+        return key_map
+    for name, unet_key in comfy.utils.unet_to_diffusers(config).items():
+        if name.endswith(".weight") and ".to_" in name:
+            for prefix in ("", "unet."):
+                key_map.setdefault(prefix + name[: -len(".weight")], f"{DIFFUSION_PREFIX}{unet_key}")
+    return key_map
+
+
+def text_encoder_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text-encoder tensors of a LoRA file (what the CLIP side reads)."""
+    return {key: value for key, value in state.items() if TEXT_ENCODER_KEY.match(key)}
+
+
+def has_diffusion_layers(state: dict[str, torch.Tensor]) -> bool:
+    return any(not TEXT_ENCODER_KEY.match(key) for key in state)
+
+
+def diffusion_patches(state: dict[str, torch.Tensor], model) -> dict[object, object]:
+    """ComfyUI's patches of ``state`` for ``model``'s diffusion model, keyed as ``add_patches`` reads them."""
+    return comfy.lora.load_lora(comfy.lora_convert.convert_lora(state), lora_key_map(model), log_missing=False)
+
+
+def parse_lora(state: dict[str, torch.Tensor], model, display_name: str) -> ParsedLoRA:
+    """Split a LoRA state dict into low-rank factors and dense patches for ``model`` (a BaseModel).
+
+    Layers whose shapes do not fit the model are skipped with one warning that names the file, a
+    layer and the family the file looks made for (ComfyUI's LoraLoader skips them too); a file none
+    of whose layers fit is an error.
+    """
+    if state and not has_diffusion_layers(state):
+        raise LoRAInputError(
+            f"LoRA '{display_name}' holds only text-encoder weights, no diffusion-model layers, so composing it changes "
+            "nothing. Apply it with Multi-LoRA Text Encode (connect its output to adapter_positive) or with Load LoRA."
+        )
+    patches = diffusion_patches(state, model)
     model_state = model.state_dict()
     parsed = ParsedLoRA(name=display_name, total=len(_lora_stems(state)), matched=len(patches))
+    mismatched: list[tuple[str, str]] = []
     for target, adapter in patches.items():
         key, offset, function = split_target(target)
         weight = model_state.get(key)
         if weight is None or not key.startswith(DIFFUSION_PREFIX) or not key.endswith(PARAMETER_SUFFIXES):
             parsed.unsupported.append(key)
+            continue
+        mismatch = lora_shape_mismatch(adapter, weight.shape, offset) if key.endswith(".weight") else None
+        if mismatch is not None:
+            mismatched.append((key[len(DIFFUSION_PREFIX) :], mismatch))
             continue
         module, parameter = key[len(DIFFUSION_PREFIX) :].rsplit(".", 1)
         if not isinstance(model.diffusion_model.get_submodule(module), PER_ROW_MODULES):
@@ -202,11 +291,27 @@ def parse_lora(state: dict[str, torch.Tensor], model, display_name: str) -> Pars
             parsed.factors.setdefault(module, []).append(factor)
         else:
             parsed.dense_patches.setdefault(module, []).append(WeightPatch(module, parameter, adapter, offset, function))
-    if not patches:
+    family = model_family_name(model)
+    if not patches or len(mismatched) == len(patches):
         sample = ", ".join(sorted(state)[:3])
+        what = "fits none" if patches else "matches none"
         raise LoRAInputError(
-            f"LoRA '{display_name}' matches none of the layers of this model ({model_family_name(model)}); the file looks "
-            f"made for {guess_file_family(sorted(state))} (keys like {sample}). Use a LoRA trained for this model's family."
+            f"LoRA '{display_name}' {what} of the layers of this model ({family}); the file looks made for "
+            f"{guess_file_family(sorted(state), state)} (keys like {sample}). Use a LoRA trained for this model's family."
+        )
+    if mismatched:
+        layer, reason = mismatched[0]
+        LOG.warning(
+            "comfyui-loratorio: LoRA '%s' does not fit %d of its %d layers in this model (%s), e.g. %s: %s. The file "
+            "looks made for %s. Those layers are skipped, as ComfyUI's LoraLoader skips them; use a LoRA trained for %s.",
+            display_name,
+            len(mismatched),
+            len(patches),
+            family,
+            layer,
+            reason,
+            guess_file_family(sorted(state), state),
+            family,
         )
     if parsed.unsupported:
         LOG.warning(
@@ -256,7 +361,7 @@ class LoRAFileCache:
         try:
             stat = os.stat(path)
         except OSError as error:
-            raise LoRAInputError(f"LoRA '{display_name}' cannot be opened: {error}") from None
+            raise LoRAInputError(f"LoRA '{display_name}' cannot be opened ({error.strerror}).") from None
         stamp = (stat.st_mtime, stat.st_size)
         cached = self._entries.get(path)
         if cached is not None and cached[0] == stamp:
@@ -277,6 +382,10 @@ LORA_FILES = LoRAFileCache()
 
 
 def check_strength(name: str, strength: float) -> float:
-    if not math.isfinite(strength):
-        raise LoRAInputError(f"LoRA '{name}' has strength {strength}; use a finite number (e.g. 1.0)")
+    """A finite strength within +-``MAX_STRENGTH``, or an error naming the LoRA."""
+    if not math.isfinite(strength) or abs(strength) > MAX_STRENGTH:
+        raise LoRAInputError(
+            f"LoRA '{name}' has strength {strength}; use a finite number between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g} "
+            "(1.0 applies it as trained)"
+        )
     return float(strength)

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 from .. import loratorio_core as lc
 from .adapter_set import AdapterSet
+from .adapters import LoRAInputError
 from .guiders import LoRACompositeGuider, LoRASwitchGuider, LoRAtorioGuider
-from .weight_map_image import render_weight_maps
+from .weight_map_image import render_no_steps, render_weight_maps
+
+
+def check_cfg(cfg: float) -> float:
+    if not math.isfinite(cfg) or cfg < 0:
+        raise LoRAInputError(f"cfg is {cfg}; use a finite number of 0 or more (1 for distilled models such as Flux-dev)")
+    return float(cfg)
 
 
 def _adapters(model, lora_stack) -> AdapterSet:
@@ -33,28 +42,33 @@ def loratorio_guider(
         top_k=top_k if top_k > 0 else None,
         top_k_mode=top_k_mode,
     )
-    guider = LoRAtorioGuider(model, _adapters(model, lora_stack), cfg, params)
+    guider = LoRAtorioGuider(model, _adapters(model, lora_stack), check_cfg(cfg), params)
     guider.set_conds(positive, negative, adapter_positive, adapter_negative)
     return guider
 
 
 def composite_guider(model, positive, negative, lora_stack, cfg, adapter_positive=None, adapter_negative=None):
-    guider = LoRACompositeGuider(model, _adapters(model, lora_stack), cfg)
+    guider = LoRACompositeGuider(model, _adapters(model, lora_stack), check_cfg(cfg))
     guider.set_conds(positive, negative, adapter_positive, adapter_negative)
     return guider
 
 
 def switch_guider(model, positive, negative, lora_stack, cfg, tau, adapter_positive=None, adapter_negative=None):
     adapters = _adapters(model, lora_stack)
-    guider = LoRASwitchGuider(model, adapters, cfg, lc.SwitchSchedule(len(adapters), tau))
+    guider = LoRASwitchGuider(model, adapters, check_cfg(cfg), lc.SwitchSchedule(len(adapters), tau))
     guider.set_conds(positive, negative, adapter_positive, adapter_negative)
     return guider
 
 
-def weight_map_image(guider):
-    """The IMAGE of a LoRAtorio guider's recorded per-step weight maps, with a legend of LoRA names."""
+def weight_map_image(guider, sampled_without_steps: bool = False):
+    """The IMAGE of a LoRAtorio guider's recorded per-step weight maps, with a legend of LoRA names.
+
+    ``sampled_without_steps``: the caller sampled with no step (denoise 0 leaves the latent as it
+    was, as in KSampler), so the legend alone is shown instead of an error."""
     if not isinstance(guider, LoRAtorioGuider):
         raise ValueError(f"weight maps come from a LoRAtorio Guider; this guider is a {type(guider).__name__}")
     if len(guider.weight_history) == 0:
+        if sampled_without_steps:
+            return render_no_steps(guider.adapters.names)
         raise ValueError("the LoRAtorio Guider has not sampled yet; connect the sampler's output latent to 'samples'")
     return render_weight_maps(guider.weight_history.maps(), guider.adapters.names)

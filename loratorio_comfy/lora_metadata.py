@@ -17,7 +17,7 @@ from pathlib import Path
 PHRASE_KEYS = ("modelspec.trigger_phrase", "trigger_words", "trigger_phrase", "activation_text")
 TAG_FREQUENCY_KEY = "ss_tag_frequency"
 MOST_FREQUENT_TAGS = 5
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 16 * 1024 * 1024  # real LoRA headers are kilobytes; kohya's tag statistics stay far below
 
 
 class MetadataError(ValueError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import comfy.sd
 
 from .adapter_set import lora_path
-from .adapters import LORA_FILES, check_strength
+from .adapters import LORA_FILES, check_strength, text_encoder_part
 
 
 def encode_per_adapter(clip, text: str, lora_stack) -> list:
@@ -23,8 +23,10 @@ def encode_per_adapter(clip, text: str, lora_stack) -> list:
         clip_strength = check_strength(name, clip_strength)
         patched = clip
         if clip_strength != 0:
-            state = LORA_FILES.load(lora_path(name), name)
-            _, patched = comfy.sd.load_lora_for_models(None, clip, state, 0.0, clip_strength)
+            # only the text-encoder tensors: the rest would each log "lora key not loaded"
+            state = text_encoder_part(LORA_FILES.load(lora_path(name), name))
+            if state:
+                _, patched = comfy.sd.load_lora_for_models(None, clip, state, 0.0, clip_strength)
         if patched is clip or not patched.patcher.patches:
             if base is None:
                 base = clip.encode_from_tokens_scheduled(clip.tokenize(text))

@@ -49,3 +49,16 @@ def render_weight_maps(maps: torch.Tensor, names: list[str]) -> torch.Tensor:
         draw.rectangle((4, y, 16, y + 12), fill=colour)
         draw.text((22, y), name, fill=(230, 230, 230))
     return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).unsqueeze(0)
+
+
+def render_no_steps(names: list[str], note: str = "no sampling step ran (denoise 0)") -> torch.Tensor:
+    """The legend alone, with ``note``: what a LoRAtorio sampler shows when it had no step to route."""
+    palette = lc.adapter_palette(len(names))
+    canvas = Image.new("RGB", (TILE_PIXELS * 2, LABEL_ROW + LEGEND_ROW * (len(names) + 1)), (24, 24, 24))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 1), note, fill=(230, 230, 230))
+    for row, name in enumerate(names):
+        y = LABEL_ROW + 4 + row * LEGEND_ROW
+        draw.rectangle((4, y, 16, y + 12), fill=tuple(int(c * 255) for c in palette[row].tolist()))
+        draw.text((22, y), name, fill=(230, 230, 230))
+    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).unsqueeze(0)

@@ -8,6 +8,7 @@ import comfy.samplers
 import nodes as comfy_nodes
 
 from .. import loratorio_core as lc
+from ..loratorio_comfy.adapters import check_strength
 
 CATEGORY = "loratorio"
 LORA_STACK = "LORA_STACK"
@@ -37,9 +38,10 @@ def as_lora_stack(value: object) -> list[LoraStackEntry]:
         if not isinstance(name, str) or not name:
             raise ValueError(f"LORA_STACK row {position} has no LoRA file name: {row!r}")
         try:
-            entries.append(LoraStackEntry(name, float(model_strength), float(clip_strength)))
+            strengths = float(model_strength), float(clip_strength)
         except (TypeError, ValueError):
             raise ValueError(f"LORA_STACK row {position} has non-numeric strengths: {row!r}") from None
+        entries.append(LoraStackEntry(name, *(check_strength(name, strength) for strength in strengths)))
     return entries
 
 

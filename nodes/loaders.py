@@ -5,13 +5,15 @@ from __future__ import annotations
 import folder_paths
 
 from ..loratorio_comfy.adapter_set import lora_path
+from ..loratorio_comfy.adapters import SAFETENSORS_SUFFIXES
 from .common import CATEGORY, LORA_STACK, NO_LORA, LoraStackEntry, as_lora_stack
 
 MAX_LORA_SLOTS = 8
 
 
 def lora_file_names() -> list[str]:
-    return folder_paths.get_filename_list("loras")
+    """The safetensors files of ComfyUI's loras folders: the pack never unpickles ``.pt``/``.ckpt``."""
+    return [name for name in folder_paths.get_filename_list("loras") if name.lower().endswith(SAFETENSORS_SUFFIXES)]
 
 
 class MultiLoRALoader:

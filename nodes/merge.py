@@ -5,7 +5,7 @@ from __future__ import annotations
 import comfy.sd
 
 from ..loratorio_comfy.adapter_set import lora_path
-from ..loratorio_comfy.adapters import LORA_FILES
+from ..loratorio_comfy.adapters import LORA_FILES, diffusion_patches, has_diffusion_layers, parse_lora, text_encoder_part
 from .common import CATEGORY, LORA_STACK, as_lora_stack
 
 
@@ -32,12 +32,18 @@ class LoRAMerge:
         }
 
     def merge(self, model, lora_stack, clip=None):
+        """What ``comfy.sd.load_lora_for_models`` does per LoRA, with the composition nodes' key map,
+        strength bound and fit check, so Merge and the composition methods apply the same layers."""
         for entry in as_lora_stack(lora_stack):
             clip_strength = entry.clip_strength if clip is not None else 0.0
-            if entry.model_strength == 0 and clip_strength == 0:
-                continue
-            lora = LORA_FILES.load(lora_path(entry.lora_name), entry.lora_name)
-            model, clip = comfy.sd.load_lora_for_models(model, clip, lora, entry.model_strength, clip_strength)
+            lora = LORA_FILES.load(lora_path(entry.lora_name), entry.lora_name) if entry.model_strength or clip_strength else {}
+            if entry.model_strength and (has_diffusion_layers(lora) or clip is None):
+                parse_lora(lora, model.model, entry.lora_name)  # warns about layers that do not fit; none fitting is an error
+                model = model.clone()
+                model.add_patches(diffusion_patches(lora, model.model), entry.model_strength)
+            text_encoder = text_encoder_part(lora)
+            if clip_strength and text_encoder:
+                _, clip = comfy.sd.load_lora_for_models(None, clip, text_encoder, 0.0, clip_strength)
         return (model, clip)
 
 

@@ -42,6 +42,7 @@ def merged_prediction(patcher, family: str, lora_file, strength: float) -> torch
 def row_predictions(engine, patcher, family: str, adapters, row_map: tuple[int, ...]) -> list[torch.Tensor]:
     """One forward whose rows carry the adapters of ``row_map`` (-1 = base), through the APPLY_MODEL wrapper."""
     rows = len(row_map)
+    comfy.model_management.load_models_gpu([patcher])  # as sampling does: this patcher's weights, not another clone's
     with engine.row_lora.row_layers_registered(adapters.row_layers) as run_id:
         row_plan = {"run": run_id, "rows": row_map, "base_index": len(adapters), "dense_adapters": adapters.dense_adapters}
         options = {engine.row_lora.ROW_MAP_KEY: row_plan, "cond_or_uncond": list(range(rows))}

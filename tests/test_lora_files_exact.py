@@ -27,6 +27,7 @@ def adapter_row_prediction(engine, patcher, family: str, name: str, strength: fl
     import comfy.patcher_extension
 
     adapters = engine.adapter_set.AdapterSet(patcher, [(name, strength)])
+    comfy.model_management.load_models_gpu([patcher])  # as sampling does: this patcher's weights, not another clone's
     with engine.row_lora.row_layers_registered(adapters.row_layers) as run_id:
         plan = {"run": run_id, "rows": (0,), "base_index": 1, "dense_adapters": adapters.dense_adapters}
         options = {engine.row_lora.ROW_MAP_KEY: plan, "cond_or_uncond": [0]}

@@ -87,6 +87,7 @@ def test_the_route_the_graph_editor_calls(server):
             "name": "demo-character-kohya.safetensors",
             "trigger_words": ["knight", "red shield", "armour"],
             "source": "ss_tag_frequency",
+            "error": None,
         },
     )
     assert lora_info(server, "?name=demo-background-comfy.safetensors")[1]["trigger_words"] == []
