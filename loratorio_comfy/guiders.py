@@ -21,7 +21,7 @@ import torch
 
 from .. import loratorio_core as lc
 from .adapter_set import AdapterSet
-from .row_lora import BASE_ROW, ROW_MAP_KEY, apply_model_with_rows, row_layers_registered
+from .row_lora import BASE_ROW, COND, ROW_MAP_KEY, UNCOND, apply_model_with_rows, row_layers_registered
 
 WRAPPER_KEY = "loratorio"
 POSITIVE, NEGATIVE = "positive", "negative"
@@ -69,27 +69,36 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
 
         By default every adapter row sees the base prompt encoding. ``adapter_positive`` /
         ``adapter_negative`` (one CONDITIONING per adapter, e.g. encoded with each LoRA's
-        text-encoder weights) replace it for the adapters' rows.
+        text-encoder weights) replace it for the adapters' rows. Either way each adapter gets its
+        own cond list, so its rows carry their own uuids: caches keyed by cond (EasyCache,
+        LazyCache) keep adapter rows apart.
         """
         conds = {POSITIVE: positive}
         if negative is not None:
             conds[NEGATIVE] = negative
         per_adapter = {POSITIVE: adapter_positive, NEGATIVE: adapter_negative}
         for name, given in per_adapter.items():
-            if given is None or name not in conds:
-                continue
-            if len(given) != len(self.adapters):
+            if given is not None and len(given) != len(self.adapters):
                 raise ValueError(
                     f"adapter_{name} holds {len(given)} conditionings for {len(self.adapters)} LoRAs; give one per LoRA"
                 )
-            for index, adapter_cond in enumerate(given):
-                conds[adapter_cond_name(name, index)] = adapter_cond
+            if name not in conds:
+                continue
+            for index in range(len(self.adapters)):
+                conds[adapter_cond_name(name, index)] = conds[name] if given is None else given[index]
         self.inner_set_conds(conds)
 
     @property
     def uses_uncond(self) -> bool:
-        """Distilled models run at cfg 1: no unconditional row is evaluated at all."""
+        """Whether unconditional rows are evaluated at this guider's cfg (for memory estimates;
+        per step, :meth:`needs_uncond` also honours the sampler's options)."""
         return not math.isclose(self.cfg, 1.0)
+
+    def needs_uncond(self, model_options: dict) -> bool:
+        """As ComfyUI's ``sampling_function``: no uncond at cfg 1 (distilled models) unless the
+        sampler sets ``disable_cfg1_optimization`` (the CFG++ samplers need the uncond)."""
+        wanted = self.uses_uncond or bool(model_options.get("disable_cfg1_optimization", False))
+        return wanted and NEGATIVE in self.conds
 
     def rows_per_step(self) -> int:
         raise NotImplementedError
@@ -110,26 +119,24 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
         transformer_options[ROW_MAP_KEY] = {
             "run": self._run_id,
             "rows": tuple(adapter for _, adapter in rows),
+            "kinds": tuple(COND if name == POSITIVE else UNCOND for name, _ in rows),
             "base_index": len(self.adapters),
             "dense_adapters": self.adapters.dense_adapters,
         }
         options["transformer_options"] = transformer_options
-        conds = [self.conds.get(adapter_cond_name(name, adapter), self.conds[name]) for name, adapter in rows]
+        conds = [self.conds[name if adapter == BASE_ROW else adapter_cond_name(name, adapter)] for name, adapter in rows]
         return comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, options)
 
     def guide(self, cond: torch.Tensor, uncond: torch.Tensor | None, x, timestep, model_options) -> torch.Tensor:
-        if uncond is None:
-            uncond = cond
+        """CFG as ComfyUI's ``sampling_function`` finishes it: pre-CFG patches (APG, TCFG, ...) on
+        ``[cond, uncond]``, then ``cfg_function`` with its post-CFG hooks."""
+        conds = [self.conds.get(POSITIVE), self.conds.get(NEGATIVE) if uncond is not None else None]
+        out = [cond, cond if uncond is None else uncond]
+        for pre_cfg in model_options.get("sampler_pre_cfg_function", []):
+            args = {"conds": conds, "conds_out": out, "cond_scale": self.cfg, "timestep": timestep, "input": x}
+            out = pre_cfg({**args, "sigma": timestep, "model": self.inner_model, "model_options": model_options})
         return comfy.samplers.cfg_function(
-            self.inner_model,
-            cond,
-            uncond,
-            self.cfg,
-            x,
-            timestep,
-            model_options=model_options,
-            cond=self.conds.get(POSITIVE),
-            uncond=self.conds.get(NEGATIVE) if self.uses_uncond else None,
+            self.inner_model, out[0], out[1], self.cfg, x, timestep, model_options=model_options, cond=conds[0], uncond=conds[1]
         )
 
     @staticmethod
@@ -154,14 +161,12 @@ class LoRAtorioGuider(AdapterRowsGuider):
         return super().sample(*args, **kwargs)
 
     def rows_per_step(self) -> int:
-        n = len(self.adapters)
-        unconds = (1 + (n if self.params.needs_adapter_unconds else 0)) if self.uses_uncond else 0
-        return 1 + n + unconds
+        return len(self.row_plan(self.uses_uncond))
 
-    def row_plan(self) -> list[tuple[str, int]]:
+    def row_plan(self, with_uncond: bool) -> list[tuple[str, int]]:
         n = len(self.adapters)
         rows = [(POSITIVE, BASE_ROW)] + [(POSITIVE, i) for i in range(n)]
-        if self.uses_uncond:
+        if with_uncond:
             rows.append((NEGATIVE, BASE_ROW))
             if self.params.needs_adapter_unconds:
                 rows += [(NEGATIVE, i) for i in range(n)]
@@ -169,14 +174,15 @@ class LoRAtorioGuider(AdapterRowsGuider):
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 - CFGGuider's signature
         n = len(self.adapters)
-        out = self.evaluate(self.row_plan(), x, timestep, model_options)
+        with_uncond = self.needs_uncond(model_options)
+        out = self.evaluate(self.row_plan(with_uncond), x, timestep, model_options)
         base_cond, adapter_conds = out[0], torch.stack(out[1 : 1 + n])
         # the routing signal lives in noise space; x and sigma are shared, so (x - D) has the same cosines
         weights = lc.routing_weights(x.unsqueeze(0) - adapter_conds, x - base_cond, self.params)
         self.weight_history.record(weights, step=self.step_of(timestep, model_options))
         cond = lc.weighted_sum(weights, adapter_conds)
         uncond = None
-        if self.uses_uncond:
+        if with_uncond:
             adapter_unconds = torch.stack(out[2 + n :]) if self.params.needs_adapter_unconds else None
             uncond = lc.recentred_uncond(out[1 + n], adapter_unconds, weights, self.params.recentre_lambda)
         return self.guide(cond, uncond, x, timestep, model_options)
@@ -190,10 +196,11 @@ class LoRACompositeGuider(AdapterRowsGuider):
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006
         n = len(self.adapters)
-        rows = [(POSITIVE, i) for i in range(n)] + ([(NEGATIVE, i) for i in range(n)] if self.uses_uncond else [])
+        with_uncond = self.needs_uncond(model_options)
+        rows = [(POSITIVE, i) for i in range(n)] + ([(NEGATIVE, i) for i in range(n)] if with_uncond else [])
         out = self.evaluate(rows, x, timestep, model_options)
         cond = lc.adapter_mean(torch.stack(out[:n]))
-        uncond = lc.adapter_mean(torch.stack(out[n:])) if self.uses_uncond else None
+        uncond = lc.adapter_mean(torch.stack(out[n:])) if with_uncond else None
         return self.guide(cond, uncond, x, timestep, model_options)
 
 
@@ -211,6 +218,7 @@ class LoRASwitchGuider(AdapterRowsGuider):
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006
         active = self.schedule.adapter_at_step(self.step_of(timestep, model_options))
-        rows = [(POSITIVE, active)] + ([(NEGATIVE, active)] if self.uses_uncond else [])
+        with_uncond = self.needs_uncond(model_options)
+        rows = [(POSITIVE, active)] + ([(NEGATIVE, active)] if with_uncond else [])
         out = self.evaluate(rows, x, timestep, model_options)
-        return self.guide(out[0], out[1] if self.uses_uncond else None, x, timestep, model_options)
+        return self.guide(out[0], out[1] if with_uncond else None, x, timestep, model_options)

@@ -36,6 +36,7 @@ from .adapters import LowRankFactor
 
 ROW_MAP_KEY = "loratorio_row_map"
 BASE_ROW = -1
+COND, UNCOND = 0, 1  # what ComfyUI's own cond_or_uncond values mean, and what patches expect
 
 
 @dataclass(frozen=True)
@@ -265,7 +266,18 @@ def apply_model_with_rows(executor, x, t, c_concat=None, c_crossattn=None, contr
     base_index = row_map["base_index"]
     rows = rows_for_forward(row_map["rows"], options["cond_or_uncond"], x.shape[0], base_index)
     if bool((rows == base_index).all()):
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        return executor(x, t, c_concat, c_crossattn, control, with_semantic_chunks(options, row_map), **kwargs)
     plan = row_plan(rows, base_index, x.device, row_map["dense_adapters"])
     with row_loras_installed(executor.class_obj.diffusion_model, layers, plan):
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        return executor(x, t, c_concat, c_crossattn, control, with_semantic_chunks(options, row_map), **kwargs)
+
+
+def with_semantic_chunks(transformer_options: dict, row_map: dict) -> dict:
+    """Options whose ``cond_or_uncond`` says, as in plain ComfyUI, 0 (cond) or 1 (uncond) per chunk.
+
+    ``calc_cond_batch`` numbers chunks by cond list, and a guider with many lists gives numbers past
+    1; patches read the values as cond/uncond (SAG finds the uncond's attention at the first 1,
+    TeaCache-style caches key on them)."""
+    options = dict(transformer_options)
+    options["cond_or_uncond"] = [row_map["kinds"][index] for index in transformer_options["cond_or_uncond"]]
+    return options

@@ -68,7 +68,13 @@ def test_apply_model_wrapper_accepts_newer_keywords(engine, tiny_model_factory, 
     kwargs = conditioning("sd15", batch=2)
     with engine.row_lora.row_layers_registered(adapters.row_layers) as run_id:
         options = {
-            engine.row_lora.ROW_MAP_KEY: {"run": run_id, "rows": (0, 1), "base_index": 2, "dense_adapters": set()},
+            engine.row_lora.ROW_MAP_KEY: {
+                "run": run_id,
+                "rows": (0, 1),
+                "kinds": (0, 1),
+                "base_index": 2,
+                "dense_adapters": set(),
+            },
             "cond_or_uncond": [1, 0],
             "an_option_from_a_newer_release": True,
         }
@@ -142,7 +148,7 @@ def test_multi_gpu_clone_rows_carry_their_adapters(engine, tiny_model_factory, s
     x, t = latent("sd15").repeat(2, 1, 1, 1), torch.tensor([5.0, 5.0])
     outputs = []
     with engine.row_lora.row_layers_registered(guider.adapters.row_layers) as run_id:
-        plan = {"run": run_id, "rows": (-1, 0), "base_index": len(guider.adapters), "dense_adapters": set()}
+        plan = {"run": run_id, "rows": (-1, 0), "kinds": (0, 0), "base_index": len(guider.adapters), "dense_adapters": set()}
         for model in (patcher.model, clone_model):
             options = {engine.row_lora.ROW_MAP_KEY: plan, "cond_or_uncond": [0, 1]}
             comfy.patcher_extension.add_wrapper_with_key(

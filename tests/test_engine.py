@@ -44,7 +44,13 @@ def row_predictions(engine, patcher, family: str, adapters, row_map: tuple[int, 
     rows = len(row_map)
     comfy.model_management.load_models_gpu([patcher])  # as sampling does: this patcher's weights, not another clone's
     with engine.row_lora.row_layers_registered(adapters.row_layers) as run_id:
-        row_plan = {"run": run_id, "rows": row_map, "base_index": len(adapters), "dense_adapters": adapters.dense_adapters}
+        row_plan = {
+            "run": run_id,
+            "rows": row_map,
+            "kinds": (0,) * rows,
+            "base_index": len(adapters),
+            "dense_adapters": adapters.dense_adapters,
+        }
         options = {engine.row_lora.ROW_MAP_KEY: row_plan, "cond_or_uncond": list(range(rows))}
         comfy.patcher_extension.add_wrapper_with_key(
             comfy.patcher_extension.WrappersMP.APPLY_MODEL, "loratorio", engine.row_lora.apply_model_with_rows, options
