@@ -34,11 +34,25 @@ def lora_path(name: str) -> str:
     return path
 
 
+def check_model_class(model) -> None:
+    """Per-row deltas hook ComfyUI's own layers; a diffusion model from another package (Nunchaku's
+    SVDQuant models and the like) has layers they cannot reach, so it is refused by name."""
+    diffusion_model = model.diffusion_model
+    kind = type(diffusion_model)
+    if not kind.__module__.startswith("comfy."):
+        raise LoRAInputError(
+            f"this MODEL's diffusion model is {kind.__module__}.{kind.__qualname__}, not one of ComfyUI's own model "
+            "classes (quantised models such as Nunchaku's are); the composition nodes cannot apply LoRAs to it. Use a "
+            "regular checkpoint, or that model's own LoRA loader."
+        )
+
+
 class AdapterSet:
     """The adapters of one composition, in order, for one model (a ComfyUI ``ModelPatcher``)."""
 
     def __init__(self, model_patcher, entries: Sequence[tuple[str, float]]) -> None:
         model = model_patcher.model
+        check_model_class(model)
         if not entries:
             raise LoRAInputError(
                 "no LoRA to compose: the LoRA stack is empty. Add at least one enabled LoRA to the Multi-LoRA Loader "

@@ -214,3 +214,18 @@ def test_diffusers_layout_unet_attention_layers_are_applied(engine, sd15, loras_
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     state = comfy.utils.load_torch_file(str(loras_folder / "diffusers.safetensors"))
     assert len(engine.adapters.diffusion_patches(state, sd15.model)) == len(tensors) // 2
+
+
+def test_a_diffusion_model_from_another_package_is_refused_by_name(engine, loras_folder, tiny_model_factory):
+    """Nunchaku-style models replace ComfyUI's diffusion model class with their own."""
+    from support.tiny_models import build_model
+
+    class QuantisedUNet(torch.nn.Module):
+        pass
+
+    QuantisedUNet.__module__ = "nunchaku.models"
+    patcher = build_model("sd15")
+    name = write_lora(loras_folder / "good.safetensors", "sd15", patcher.model, "kohya", seed=4).name
+    patcher.model.diffusion_model = QuantisedUNet()
+    with pytest.raises(engine.adapters.LoRAInputError, match=r"nunchaku\.models\..*QuantisedUNet, not one of ComfyUI's own"):
+        make_guider(engine, "composite", patcher, [(name, 1.0, 1.0)])

@@ -24,6 +24,8 @@ CLOSE_NEWS_BANNER = """() => {
   const buttons = message?.parentElement?.parentElement?.querySelectorAll('button') ?? [];
   buttons[buttons.length - 1]?.click();
 }"""
+NODE_SEARCH_INPUT = "input[placeholder='Search Nodes...'], input[role=combobox][aria-controls=results-list]"
+NODE_SEARCH_RESULT = "li.p-autocomplete-option, #results-list [role=option]"
 APP_READY = "() => Boolean(window.app && window.app.graph && window.app.canvas && window.LiteGraph)"
 
 
@@ -136,26 +138,44 @@ class GraphEditor:
         self.page.wait_for_timeout(200)
 
     def search_and_add(self, display_name: str) -> list[str]:
-        """Double-click the canvas, type into the node search, press Enter; returns the first result's text."""
-        search = self.page.get_by_placeholder("Search Nodes...")
+        """Double-click the canvas, type into the node search, press Enter; returns the first result's text.
+
+        Works with the search box of older frontends (PrimeVue autocomplete, "Search Nodes...") and with
+        the default one of newer frontends (a combobox "Add a node..." over ``#results-list``)."""
+        search = self.page.locator(NODE_SEARCH_INPUT).first
         for _ in range(20):  # the canvas takes a moment after start-up before it handles double-clicks
-            self.page.mouse.dblclick(700, 500)
+            self.page.mouse.dblclick(*self.empty_canvas_point())
             try:
                 search.wait_for(timeout=1000)
                 break
             except PlaywrightTimeout:
+                self.page.keyboard.press("Escape")  # whatever opened instead, close it before trying again
                 continue
         else:
             self.screenshot("search-did-not-open")
             raise AssertionError("double-clicking the canvas did not open the node search")
         search.fill(display_name)
-        first = self.page.locator("li.p-autocomplete-option").first
+        first = self.page.locator(NODE_SEARCH_RESULT).first
         first.wait_for()
         self.page.wait_for_timeout(300)  # the list settles after the last keystroke
         text = first.inner_text().split("\n")
         search.press("Enter")
         self.page.wait_for_timeout(300)
         return [line.strip() for line in text if line.strip()]
+
+    def empty_canvas_point(self) -> tuple[float, float]:
+        """A point of the canvas no node covers (a double-click on a node edits its title instead)."""
+        return self.page.evaluate(
+            """() => {
+              const rect = app.canvas.canvas.getBoundingClientRect();
+              const free = (x, y) => {
+                try { return !app.graph.getNodeOnPos(...app.canvas.convertOffsetToCanvas([x - rect.left, y - rect.top])); }
+                catch { return true; }
+              };
+              for (const [x, y] of [[700, 500], [400, 650], [1000, 650], [400, 300], [1000, 300]]) if (free(x, y)) return [x, y];
+              return [700, 500];
+            }"""
+        )
 
     def open_template(self, name: str) -> None:
         """Templates (sidebar) -> this pack's section -> the workflow's card."""
