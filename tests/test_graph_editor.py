@@ -46,6 +46,22 @@ def editor(chromium, server):
     assert editor.pack_errors() == []
 
 
+@pytest.fixture
+def nodes_2_editor(chromium, server):
+    """The editor with Nodes 2.0 on, where the frontend has it (the default of new installs since 2026)."""
+    from support.graph_editor import GraphEditor
+
+    page = chromium.new_page(viewport={"width": 1400, "height": 900})
+    editor = GraphEditor(page, server.url, ARTIFACTS, vue_nodes=True)
+    editor.open()
+    if not editor.vue_nodes_active():
+        page.close()
+        pytest.skip("this frontend has no Nodes 2.0 (Comfy.VueNodes.Enabled)")
+    yield editor
+    page.close()
+    assert editor.pack_errors() == []
+
+
 def expected_widgets(node_info: dict) -> set[str]:
     """Inputs the editor shows as widgets: combos and the scalar types."""
     inputs = {**node_info["input"].get("required", {}), **node_info["input"].get("optional", {})}
@@ -173,3 +189,49 @@ def test_queueing_the_loratorio_workflow_gives_an_image_and_the_weight_map_on_th
     assert len(shown) == 1 and "loratorio-weightmaps" in shown[0] and "type=temp" in shown[0]
     editor.page.wait_for_timeout(500)
     editor.screenshot("loratorio-workflow-after-run")
+
+
+def test_nodes_2_rows_grow_and_shrink_the_payload_stays_scalar_and_the_weight_map_shows(nodes_2_editor, server):
+    editor = nodes_2_editor
+    editor.page.evaluate("() => { const n = LiteGraph.createNode('MultiLoRALoader'); n.pos = [320, 160]; app.graph.add(n); }")
+    loader = editor.node_id("MultiLoRALoader")
+    rows = lambda: editor.api_payload()[str(loader)]["inputs"]  # noqa: E731
+    editor.widget_element(loader, "lora_1").wait_for()
+    assert rows() == {"lora_1": "None", "strength_1": 1.0, "enabled_1": True}
+    assert not editor.widget_element(loader, "lora_2").is_visible()
+
+    editor.click_widget(loader, "+ Add LoRA")
+    editor.widget_element(loader, "lora_2").wait_for()
+    editor.set_widget(loader, "lora_1", CHARACTER)
+    editor.set_widget(loader, "lora_2", STYLE)
+    editor.click_widget(loader, "enabled_2")
+    payload = rows()
+    assert payload == {
+        "lora_1": CHARACTER,
+        "strength_1": 1.0,
+        "enabled_1": True,
+        "lora_2": STYLE,
+        "strength_2": 1.0,
+        "enabled_2": False,
+    }
+    assert all(scalar(value) for value in payload.values())
+    editor.screenshot("nodes-2-multi-lora-loader-two-rows")
+
+    editor.click_widget(loader, "- Remove last LoRA")
+    assert rows() == {"lora_1": CHARACTER, "strength_1": 1.0, "enabled_1": True}
+    editor.widget_element(loader, "lora_2").wait_for(state="hidden")
+
+    editor.open_template("loratorio")
+    sampler = editor.node_id("LoRAtorioSampler")
+    latent = editor.node_id("EmptyLatentImage")
+    editor.set_widget(sampler, "steps", 2)
+    editor.set_widget(latent, "width", 64)
+    editor.set_widget(latent, "height", 64)
+    prompt_id = editor.run()
+    deadline = time.monotonic() + 300
+    while prompt_id not in (history := server.get_json(f"/history/{prompt_id}")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert execution_error(history[prompt_id]) is None
+    weight_map = editor.page.locator(f'[data-node-id="{sampler}"] img[src*="loratorio-weightmaps"]').first
+    weight_map.wait_for(timeout=30_000)
+    editor.screenshot("nodes-2-loratorio-workflow-after-run")

@@ -18,6 +18,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 PACK_NAME = "comfyui-loratorio"
 # A new user gets the getting-started templates browser on first load; a person closes it, we skip it.
 FRESH_USER_SETTINGS = {"Comfy.TutorialCompleted": True}
+VUE_NODES_SETTING = "Comfy.VueNodes.Enabled"
 # The frontend's "Introducing Nodes 2.0" banner covers the top of the page: close it as a person would.
 CLOSE_NEWS_BANNER = """() => {
   const message = [...document.querySelectorAll('span')].find(s => s.textContent.startsWith('Introducing Nodes 2.0'));
@@ -30,16 +31,20 @@ APP_READY = "() => Boolean(window.app && window.app.graph && window.app.canvas &
 
 
 class GraphEditor:
-    def __init__(self, page: Page, url: str, artifacts: Path):
+    """``vue_nodes``: the editor with Nodes 2.0 (``Comfy.VueNodes.Enabled``), where nodes and their
+    widgets are DOM elements (``[data-node-id] [data-widget-name]``) instead of canvas drawings."""
+
+    def __init__(self, page: Page, url: str, artifacts: Path, vue_nodes: bool = False):
         self.page = page
         self.url = url
         self.artifacts = artifacts
+        self.vue_nodes = vue_nodes
         self.console_errors: list[str] = []
         page.on("console", lambda message: message.type == "error" and self.console_errors.append(message.text))
         page.on("pageerror", lambda error: self.console_errors.append(str(error)))
 
     def open(self) -> None:
-        for setting, value in FRESH_USER_SETTINGS.items():
+        for setting, value in {**FRESH_USER_SETTINGS, VUE_NODES_SETTING: self.vue_nodes}.items():
             request = urllib.request.Request(f"{self.url}/api/settings/{setting}", data=json.dumps(value).encode(), method="POST")
             urllib.request.urlopen(request, timeout=30).close()
         self.page.goto(self.url + "/")
@@ -128,8 +133,19 @@ class GraphEditor:
             )
         )
 
+    def vue_nodes_active(self) -> bool:
+        """Whether this frontend knows Nodes 2.0 and has it on."""
+        return bool(self.page.evaluate(f"() => app.extensionManager?.setting?.get('{VUE_NODES_SETTING}') === true"))
+
+    def widget_element(self, node_id: int, widget_name: str):
+        """A widget's DOM element under Nodes 2.0."""
+        return self.page.locator(f'[data-node-id="{node_id}"] [data-widget-name="{widget_name}"]')
+
     def click_widget(self, node_id: int, widget_name: str) -> None:
-        self.page.mouse.click(*self.canvas_point(node_id, widget_name))
+        if self.vue_nodes:
+            self.widget_element(node_id, widget_name).locator("button").first.click()
+        else:
+            self.page.mouse.click(*self.canvas_point(node_id, widget_name))
         self.page.wait_for_timeout(200)
 
     def context_menu(self, node_id: int, item: str) -> None:
