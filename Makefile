@@ -6,12 +6,13 @@ PORT ?= 8188
 
 .PHONY: demo serve test compat host lint format workflows
 
-demo:  ## every method through ComfyUI's HTTP API on the demo models; images and a comparison sheet in out/demo
+demo:  ## every method composes the toy world's trained LoRAs through ComfyUI's HTTP API; images, sheet, summary in out/demo
 	$(HOST) run -- tools/demo.py $(DEMO_ARGS)
 
-serve:  ## write the demo models, start ComfyUI with the pack for the graph editor (Ctrl-C stops it)
+serve:  ## start ComfyUI with the pack, the toy world and the SD1.5 demo models for the graph editor (Ctrl-C stops it)
 	$(HOST) run -- tools/demo_assets.py
-	$(HOST) serve -- --port $(PORT)
+	$(HOST) run -- tools/toy_world.py config --out out/serve
+	$(HOST) serve -- --port $(PORT) --extra-model-paths-config $(CURDIR)/out/serve/extra_model_paths.yaml
 
 test:  ## the whole test suite against the real ComfyUI host (installs Debian's Chromium for the graph-editor tests)
 	$(PYTHON) tools/browser.py

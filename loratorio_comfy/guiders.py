@@ -164,12 +164,14 @@ class LoRAtorioGuider(AdapterRowsGuider):
         return len(self.row_plan(self.uses_uncond))
 
     def row_plan(self, with_uncond: bool) -> list[tuple[str, int]]:
+        """Base cond, adapter conds, adapter unconds, base uncond: the base rows at the two ends, so
+        the adapter rows form one run in the batch whichever way ComfyUI orders the lists."""
         n = len(self.adapters)
         rows = [(POSITIVE, BASE_ROW)] + [(POSITIVE, i) for i in range(n)]
         if with_uncond:
-            rows.append((NEGATIVE, BASE_ROW))
             if self.params.needs_adapter_unconds:
                 rows += [(NEGATIVE, i) for i in range(n)]
+            rows.append((NEGATIVE, BASE_ROW))
         return rows
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 - CFGGuider's signature
@@ -183,8 +185,8 @@ class LoRAtorioGuider(AdapterRowsGuider):
         cond = lc.weighted_sum(weights, adapter_conds)
         uncond = None
         if with_uncond:
-            adapter_unconds = torch.stack(out[2 + n :]) if self.params.needs_adapter_unconds else None
-            uncond = lc.recentred_uncond(out[1 + n], adapter_unconds, weights, self.params.recentre_lambda)
+            adapter_unconds = torch.stack(out[1 + n : -1]) if self.params.needs_adapter_unconds else None
+            uncond = lc.recentred_uncond(out[-1], adapter_unconds, weights, self.params.recentre_lambda)
         return self.guide(cond, uncond, x, timestep, model_options)
 
 

@@ -143,14 +143,17 @@ def row_layers_registered(layers: RowLayers) -> Iterator[int]:
 class RowPlan:
     """Which rows of one forward carry an adapter, and which one.
 
-    ``adapter_rows[j]`` is the stacked-layer index of row ``active[j]``; base-model rows are left
-    out, so their share of the low-rank work is skipped. ``active`` is None when every row carries
-    an adapter (no gather needed). ``rows_of`` lists each adapter's rows for the dense deltas.
+    ``adapter_rows[j]`` is the stacked-layer index of the j-th row that carries an adapter; base
+    rows are left out, so their share of the low-rank work is skipped. ``segments`` are the runs
+    of consecutive adapter rows, ``(start, stop, first)``: rows ``start:stop`` of the batch, whose
+    indices are ``adapter_rows[first:first + stop - start]``. Working on each run as a slice of the
+    batch (a view) lets the deltas be accumulated in place, with no copy of the input rows.
+    ``rows_of`` lists each adapter's rows for the dense deltas.
     """
 
     batch: int
     adapter_rows: torch.Tensor
-    active: torch.Tensor | None
+    segments: tuple[tuple[int, int, int], ...]
     rows_of: dict[int, torch.Tensor]
 
 
@@ -180,7 +183,7 @@ class RowLoRAHook:
             rows = plan.rows_of.get(adapter)
             if rows is not None:
                 added = self._dense(x.index_select(0, rows), delta, output.shape)
-                output = output.index_add(0, rows, added.to(output.dtype))
+                output.index_add_(0, rows, added.to(output.dtype))
         return output
 
     def _dense(self, x: torch.Tensor, delta: DenseDelta, out_shape: torch.Size) -> torch.Tensor:
@@ -192,27 +195,29 @@ class RowLoRAHook:
         return F.linear(x, delta.weight, delta.bias)
 
     def _add_low_rank(self, x: torch.Tensor, output: torch.Tensor, stacked: StackedLayer) -> torch.Tensor:
-        plan = self.plan
-        if plan.adapter_rows.numel() == 0:
-            return output
-        if plan.active is not None:
-            x = x.index_select(0, plan.active)
-        down, up = stacked.down[plan.adapter_rows], stacked.up[plan.adapter_rows]
-        if self.conv:
-            batch, channels = x.shape[:2]
-            hidden = self.conv_nd(
-                x.reshape(1, batch * channels, *x.shape[2:]),
-                down.reshape(batch * down.shape[1], *down.shape[2:]),
-                groups=batch,
-                **self.conv_args,
-            )
-            hidden = hidden.reshape(batch, down.shape[1], *hidden.shape[2:])
-            delta = torch.einsum("br...,bor->bo...", hidden, up)
-        else:
-            flat = x.reshape(x.shape[0], -1, x.shape[-1])
-            delta = torch.bmm(torch.bmm(flat, down.transpose(1, 2)), up.transpose(1, 2))
-        delta = delta.reshape(x.shape[0], *output.shape[1:]).to(output.dtype)
-        return output + delta if plan.active is None else output.index_add(0, plan.active, delta)
+        """``output[rows] += f(x[rows]; up @ down)`` per run of adapter rows, accumulated in place."""
+        for start, stop, first in self.plan.segments:
+            rows = self.plan.adapter_rows[first : first + stop - start]
+            down, up = stacked.down[rows], stacked.up[rows]
+            x_rows, out_rows = x[start:stop], output[start:stop]
+            if self.conv:
+                count, channels = x_rows.shape[:2]
+                hidden = self.conv_nd(
+                    x_rows.reshape(1, count * channels, *x_rows.shape[2:]),
+                    down.reshape(count * down.shape[1], *down.shape[2:]),
+                    groups=count,
+                    **self.conv_args,
+                )
+                hidden = hidden.reshape(count, down.shape[1], *hidden.shape[2:])
+                out_rows.add_(torch.einsum("br...,bor->bo...", hidden, up).to(output.dtype))
+                continue
+            count = stop - start
+            hidden = torch.bmm(x_rows.reshape(count, -1, x.shape[-1]), down.transpose(1, 2))
+            if out_rows.is_contiguous() and out_rows.dtype == hidden.dtype:
+                out_rows.view(count, -1, output.shape[-1]).baddbmm_(hidden, up.transpose(1, 2))
+            else:
+                out_rows.add_(torch.bmm(hidden, up.transpose(1, 2)).reshape(out_rows.shape).to(output.dtype))
+        return output
 
 
 @contextlib.contextmanager
@@ -238,16 +243,25 @@ def rows_for_forward(row_map: Sequence[int], cond_or_uncond: Sequence[int], batc
     return torch.tensor(per_chunk, dtype=torch.long).repeat_interleave(batch // chunks)
 
 
+def runs_of(active: list[int]) -> tuple[tuple[int, int, int], ...]:
+    """``(start, stop, first)`` for each run of consecutive indices in the sorted list ``active``."""
+    runs, first = [], 0
+    for position in range(1, len(active) + 1):
+        if position == len(active) or active[position] != active[position - 1] + 1:
+            runs.append((active[first], active[position - 1] + 1, first))
+            first = position
+    return tuple(runs)
+
+
 def row_plan(rows: torch.Tensor, base_index: int, device: torch.device, dense_adapters: set[int]) -> RowPlan:
     """The plan of one forward from its per-row stacked-layer indices (on the CPU), moved to ``device`` once."""
     active = (rows != base_index).nonzero().flatten()
-    all_active = active.numel() == rows.numel()
     rows_of = {}
     for adapter in dense_adapters:
         members = (rows == adapter).nonzero().flatten()
         if members.numel():
             rows_of[adapter] = members.to(device)
-    return RowPlan(rows.numel(), rows[active].to(device), None if all_active else active.to(device), rows_of)
+    return RowPlan(rows.numel(), rows[active].to(device), runs_of(active.tolist()), rows_of)
 
 
 def apply_model_with_rows(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):

@@ -1,7 +1,10 @@
-"""The headless client and the demo, run as a user runs them: as programs."""
+"""The headless client, the demo (the toy world, and your own models) and the toy templates, run as a user runs them."""
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +17,7 @@ from PIL import Image
 pytestmark = pytest.mark.server
 PACK_DIR = Path(__file__).resolve().parent.parent
 CLIENT = [sys.executable, str(PACK_DIR / "tools" / "comfy_client.py")]
+TOY_NODES = PACK_DIR / "tools" / "demo_nodes" / "loratorio_toy_world"
 
 
 def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
@@ -68,13 +72,12 @@ def test_client_spreads_jobs_over_several_servers(server, demo_models, tmp_path,
     assert len(result.stdout.split()) == 4
 
 
-def test_demo_runs_every_method_and_writes_the_comparison_sheet(demo_models, tmp_path):
-    models_dir, _, _ = demo_models
-    env = dict(os.environ)
+def test_demo_runs_every_method_on_your_own_models_and_writes_the_comparison_sheet(demo_models, tmp_path):
+    models_dir, checkpoint, _ = demo_models
     result = subprocess.run(
-        [sys.executable, str(PACK_DIR / "tools" / "demo.py"), "--steps", "2", "--size", "64", "--seed", "1", "--seed", "2",
-         "--models-dir", str(models_dir), "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=900, env=env, cwd=PACK_DIR,
+        [sys.executable, str(PACK_DIR / "tools" / "demo.py"), "--checkpoint", checkpoint, "--steps", "2", "--size", "64",
+         "--seed", "1", "--seed", "2", "--models-dir", str(models_dir), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, env=dict(os.environ), cwd=PACK_DIR,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "comparison sheet" in result.stdout and "ComfyUI stopped" in result.stdout
@@ -89,6 +92,89 @@ def test_demo_runs_every_method_and_writes_the_comparison_sheet(demo_models, tmp
     sheet = Image.open(tmp_path / "comparison.png")
     assert sheet.width > 5 * 64 and sheet.height > 2 * 64
     assert_sane_image(tmp_path / "comparison.png")
+
+
+def recall(images: list[dict], key: str) -> float:
+    return float(np.mean([len(set(i["concepts"]) & set(i[key])) / len(i["concepts"]) for i in images]))
+
+
+def test_toy_demo_composes_the_trained_concepts_and_loratorio_shows_them(tmp_path):
+    result = run([sys.executable, str(PACK_DIR / "tools" / "demo.py"), "--seed", "1", "--seed", "2", "--out", str(tmp_path)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ComfyUI stopped" in result.stdout and "comparison sheet" in result.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    images = summary["images"]
+    methods = ("lora-merge-baseline", "lora-switch", "lora-composite", "loratorio", "loratorio-dynamic-pool")
+    combinations = {tuple(i["concepts"]) for i in images}
+    assert {len(c) for c in combinations} == {2, 3}
+    assert {(i["method"], i["seed"], tuple(i["concepts"])) for i in images} == {
+        (m, s, c) for m in methods for s in (1, 2) for c in combinations
+    }
+    for image in images:
+        assert (tmp_path / image["image"]).is_file()
+        assert Image.open(tmp_path / image["image"]).size == (128, 128)  # 32x32, enlarged for viewing
+        assert set(image["found"]) <= set(image["found_by_colour"])
+    loratorio = [i for i in images if i["method"] == "loratorio"]
+    assert all(i["weight_maps"] and (tmp_path / i["weight_maps"]).is_file() for i in loratorio)
+    # The detector's shape checks are strict with the toy model's ragged 32x32 shapes (the quality
+    # harness finds about half of the asked concepts with LoRAtorio), so: most asked concepts show
+    # by colour, every image shows at least one by colour and shape, and more than LoRA Merge shows.
+    assert recall(loratorio, "found_by_colour") >= 0.75, loratorio
+    assert all(set(i["concepts"]) & set(i["found"]) for i in loratorio), loratorio
+    merge = [i for i in images if i["method"] == "lora-merge-baseline"]
+    assert recall(loratorio, "found") > recall(merge, "found")
+    sheet = Image.open(tmp_path / "comparison.png")
+    assert sheet.width > 5 * 128 and sheet.height > 4 * 128
+    assert_sane_image(tmp_path / "comparison.png")
+
+
+def load_toy_nodes():
+    spec = importlib.util.spec_from_file_location("loratorio_toy_world", TOY_NODES / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_toy_demo_nodes_are_not_part_of_the_pack(pack):
+    toy = load_toy_nodes()
+    assert set(toy.NODE_CLASS_MAPPINGS) == {"ToyWorldLoader", "ToyWorldPrompt", "EmptyToyLatent", "ToyLatentToImage"}
+    assert not set(toy.NODE_CLASS_MAPPINGS) & set(pack.NODE_CLASS_MAPPINGS)
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        assert Path(inspect.getfile(cls)).parent == PACK_DIR / "nodes", f"{name} does not come from nodes/"
+    with pytest.raises(ValueError, match="does not know \\['knight'\\]"):
+        toy.ToyWorldPrompt().encode("ruby knight", "toy-base.safetensors")
+
+
+@pytest.fixture(scope="module")
+def toy_server(comfyui_dir, tmp_path_factory):
+    from toy_world import write_server_config
+
+    from support.server import comfyui_server
+
+    work = tmp_path_factory.mktemp("toy-server")
+    config = write_server_config(work)
+    arguments = ("--extra-model-paths-config", str(config))
+    with comfyui_server(comfyui_dir, work, extra_args=arguments, env={"OMP_NUM_THREADS": "1"}) as running:
+        yield running
+
+
+def test_toy_templates_run_as_they_are_and_show_the_concepts(toy_server, tmp_path):
+    templates = sorted(TOY_NODES.joinpath("example_workflows").glob("*.json"))
+    assert {p.stem for p in templates} == {f"toy-{m}" for m in ("lora-merge-baseline", "lora-switch", "lora-composite",
+                                                                  "loratorio", "loratorio-dynamic-pool")}  # fmt: skip
+    listed = toy_server.get_json("/workflow_templates")
+    assert sorted(listed["loratorio_toy_world"]) == sorted(p.stem for p in templates)
+    assert "toy-loratorio" not in listed.get("comfyui-loratorio", [])
+    result = run([*CLIENT, str(TOY_NODES / "example_workflows" / "toy-loratorio.json"), "--server", toy_server.url,
+                  "--out", str(tmp_path)])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (picture,) = [Path(line) for line in result.stdout.split() if "_8_" in Path(line).name]
+    from quality.detector import detect
+
+    pixels = np.asarray(Image.open(picture).convert("RGB"), dtype=np.float32)[::4, ::4] / 255.0  # 128 -> 32, nearest
+    found = detect(pixels)
+    asked = {"ruby-disk", "lemon-stripe", "dusk-style"}
+    assert len(asked & found.colour_present) >= 2 and asked & found.present, (found, picture)
 
 
 def test_client_keeps_saved_images_and_falls_back_to_previews():

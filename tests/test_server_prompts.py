@@ -36,7 +36,7 @@ def test_missing_lora_is_rejected_by_validation(server, demo_models):
 @pytest.mark.parametrize(
     ("lora", "strength", "message"),
     [
-        ("pickled.ckpt", 1.0, "not a .safetensors file"),
+        ("pickled.ckpt", 1.0, "'received_value': 'pickled.ckpt'"),  # not offered by the loader: validation rejects it
         ("corrupt.safetensors", 1.0, "truncated or corrupt"),
         ("flux-lora.safetensors", 1.0, "matches none of the layers of this model (SD15)"),
         ("DUPLICATE", 1.0, "is in the stack twice"),

@@ -413,12 +413,24 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help="LoRA rank of every adapter")
     parser.add_argument("--dtype", default="float16", help="GPU compute dtype (float16 or bfloat16); CPU runs float32")
     parser.add_argument("--out", type=Path, default=PACK_DIR / "out" / "benchmark")
+    parser.add_argument(
+        "--per-layer", action="store_true", help="hook cost over base matmul per layer shape (tools/layer_benchmark.py)"
+    )
+    parser.add_argument(
+        "--ranks", default="16,32,64,128", type=lambda s: [int(x) for x in s.split(",")], help="--per-layer ranks"
+    )
+    parser.add_argument("--layer-threads", type=int, default=1, help="--per-layer torch threads")
     options = parser.parse_args()
     import torch
 
     # the GPU when there is one (the host's torch is a CUDA build that also runs on a CPU)
     comfyui_on_path("benchmark.py", cpu=not torch.cuda.is_available())
-    load_pack()
+    pack = load_pack()
+    if options.per_layer:
+        import layer_benchmark
+
+        layer_benchmark.run(pack.loratorio_comfy.row_lora, options.ranks, options.adapters, options.layer_threads)
+        return 0
     import comfy.model_management
 
     device = comfy.model_management.get_torch_device()

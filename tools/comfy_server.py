@@ -65,9 +65,14 @@ def frontend_arguments() -> list[str]:
 
 @contextlib.contextmanager
 def comfyui_server(
-    comfyui_dir: Path, work_dir: Path, startup_timeout: float = 240.0, extra_args: tuple[str, ...] = ()
+    comfyui_dir: Path,
+    work_dir: Path,
+    startup_timeout: float = 240.0,
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> Iterator[RunningServer]:
-    """A ComfyUI server with this pack loaded; its output, temp and user folders live in ``work_dir``."""
+    """A ComfyUI server with this pack loaded; its output, temp and user folders live in ``work_dir``.
+    ``env``: variables set for the server on top of this process's environment."""
     port = free_port()
     for name in ("output", "temp", "user", "input"):
         (work_dir / name).mkdir(parents=True, exist_ok=True)
@@ -95,7 +100,9 @@ def comfyui_server(
         *extra_args,
     ]
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(cmd, cwd=comfyui_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            cmd, cwd=comfyui_dir, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     server = RunningServer(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
     try:
         deadline = time.monotonic() + startup_timeout
