@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import folder_paths
@@ -47,6 +48,11 @@ def check_model_class(model) -> None:
         )
 
 
+# the row layers of the last adapter sets used: a second run with the same LoRAs rebuilds nothing
+ROW_LAYERS: OrderedDict[Hashable, RowLayers] = OrderedDict()
+MAX_CACHED_SETS = 2
+
+
 class AdapterSet:
     """The adapters of one composition, in order, for one model (a ComfyUI ``ModelPatcher``)."""
 
@@ -60,12 +66,15 @@ class AdapterSet:
             )
         seen: set[str] = set()
         adapters = []
+        files = []
         for name, strength in entries:
             if name in seen:
                 raise LoRAInputError(f"LoRA '{name}' is in the stack twice; compose each LoRA once (raise its strength instead).")
             seen.add(name)
             strength = check_strength(name, strength)
-            parsed = parse_lora(LORA_FILES.load(lora_path(name), name), model, name)
+            path = lora_path(name)
+            parsed = parse_lora(LORA_FILES.load(path, name), model, name)
+            files.append((path, LORA_FILES.stamp(path), strength))
             if parsed.dense_patches:
                 LOG.info(
                     "comfyui-loratorio: LoRA '%s' has %s parts; they are applied per row as exact dense deltas "
@@ -76,6 +85,8 @@ class AdapterSet:
             adapters.append(Adapter(name, strength, parsed))
         self.adapters: tuple[Adapter, ...] = tuple(adapters)
         self._model_patcher = model_patcher
+        # what the deltas depend on: the model, its patcher's own patches, each file as loaded, each strength
+        self.key: Hashable = (id(model), model_patcher.patches_uuid, tuple(files))
 
     def __len__(self) -> int:
         return len(self.adapters)
@@ -89,9 +100,19 @@ class AdapterSet:
         """The indices of adapters with dense deltas, whose rows each forward must list."""
         return {index for index, adapter in enumerate(self.adapters) if adapter.parsed.dense_patches}
 
-    @functools.cached_property
+    @property
     def row_layers(self) -> RowLayers:
-        """Every targeted layer's per-row deltas (see :mod:`.row_lora`), built on first use."""
+        """Every targeted layer's per-row deltas (see :mod:`.row_lora`), built on first use and kept
+        across runs (with their copies on the compute device) while the LoRAs and the model stay."""
+        cached = ROW_LAYERS.get(self.key)
+        if cached is None:
+            cached = ROW_LAYERS[self.key] = self._build_row_layers()
+            while len(ROW_LAYERS) > MAX_CACHED_SETS:
+                ROW_LAYERS.popitem(last=False)
+        ROW_LAYERS.move_to_end(self.key)
+        return cached
+
+    def _build_row_layers(self) -> RowLayers:
         diffusion_model = self._model_patcher.model.diffusion_model
         modules = sorted({m for a in self.adapters for m in (*a.parsed.factors, *a.parsed.dense_patches)})
         key_patches = self._model_patcher.get_key_patches(DIFFUSION_PREFIX) if self.dense_adapters else {}

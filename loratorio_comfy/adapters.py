@@ -374,6 +374,11 @@ class LoRAFileCache:
             self._entries.popitem(last=False)
         return state
 
+    def stamp(self, path: str) -> tuple[float, int] | None:
+        """(modification time, size) of the file as last loaded, or None when it is not cached."""
+        cached = self._entries.get(path)
+        return None if cached is None else cached[0]
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -24,7 +24,9 @@ adapter index, -1 = base).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from .adapters import LowRankFactor
 
+LOG = logging.getLogger("comfyui-loratorio")
 ROW_MAP_KEY = "loratorio_row_map"
 BASE_ROW = -1
 COND, UNCOND = 0, 1  # what ComfyUI's own cond_or_uncond values mean, and what patches expect
@@ -282,8 +285,35 @@ def apply_model_with_rows(executor, x, t, c_concat=None, c_crossattn=None, contr
     if bool((rows == base_index).all()):
         return executor(x, t, c_concat, c_crossattn, control, with_semantic_chunks(options, row_map), **kwargs)
     plan = row_plan(rows, base_index, x.device, row_map["dense_adapters"])
-    with row_loras_installed(executor.class_obj.diffusion_model, layers, plan):
+    with eager_diffusion_model(executor.class_obj) as diffusion_model, row_loras_installed(diffusion_model, layers, plan):
         return executor(x, t, c_concat, c_crossattn, control, with_semantic_chunks(options, row_map), **kwargs)
+
+
+@contextlib.contextmanager
+def eager_diffusion_model(base_model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The diffusion model as plain modules for one call that carries adapter rows.
+
+    ComfyUI's TorchCompileModel puts a ``torch.compile`` wrapper (an ``OptimizedModule``) in place of
+    ``diffusion_model`` for each model call. A graph compiled before the per-row hooks existed does
+    not see them (dynamo does not guard on module hooks by default), so the LoRAs would be dropped
+    without a word; hooks created per call would force a recompile on every call. Calls with adapter
+    rows therefore run the original modules; plain sampling keeps the compiled graph."""
+    compiled = base_model.diffusion_model
+    original = getattr(compiled, "_orig_mod", None)
+    if original is None:
+        yield compiled
+        return
+    _log_compile_bypass()
+    base_model.diffusion_model = original
+    try:
+        yield original
+    finally:
+        base_model.diffusion_model = compiled
+
+
+@functools.cache
+def _log_compile_bypass() -> None:
+    LOG.info("comfyui-loratorio: the model is compiled (torch.compile); model calls with LoRA rows run it uncompiled")
 
 
 def with_semantic_chunks(transformer_options: dict, row_map: dict) -> dict:

@@ -145,3 +145,17 @@ def server(demo_models, bad_loras, comfyui_dir, tmp_path_factory):
 
     with comfyui_server(comfyui_dir, work, extra_args=("--extra-model-paths-config", str(config))) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def toy_server(comfyui_dir, tmp_path_factory):
+    """A real server with the toy world: the demo-only toy nodes, the concept LoRAs, the pack."""
+    from toy_world import write_server_config
+
+    from support.server import comfyui_server
+
+    work = tmp_path_factory.mktemp("toy-server")
+    config = write_server_config(work)
+    arguments = ("--extra-model-paths-config", str(config))
+    with comfyui_server(comfyui_dir, work, extra_args=arguments, env={"OMP_NUM_THREADS": "1"}) as running:
+        yield running

@@ -145,19 +145,6 @@ def test_the_toy_demo_nodes_are_not_part_of_the_pack(pack):
         toy.ToyWorldPrompt().encode("ruby knight", "toy-base.safetensors")
 
 
-@pytest.fixture(scope="module")
-def toy_server(comfyui_dir, tmp_path_factory):
-    from toy_world import write_server_config
-
-    from support.server import comfyui_server
-
-    work = tmp_path_factory.mktemp("toy-server")
-    config = write_server_config(work)
-    arguments = ("--extra-model-paths-config", str(config))
-    with comfyui_server(comfyui_dir, work, extra_args=arguments, env={"OMP_NUM_THREADS": "1"}) as running:
-        yield running
-
-
 def test_toy_templates_run_as_they_are_and_show_the_concepts(toy_server, tmp_path):
     templates = sorted(TOY_NODES.joinpath("example_workflows").glob("*.json"))
     assert {p.stem for p in templates} == {f"toy-{m}" for m in ("lora-merge-baseline", "lora-switch", "lora-composite",

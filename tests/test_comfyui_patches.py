@@ -98,3 +98,27 @@ def test_patches_see_cond_or_uncond_as_zero_or_one(engine, sd15, tiny_model_fact
     run_sampler(engine, make_guider(engine, "loratorio", patcher, stack, recentre_lambda=0.5))
     assert seen and all(set(values) <= {0, 1} for values in seen), seen
     assert all(values.count(1) == 1 + 3 and values.count(0) == 1 + 3 for values in seen), seen
+
+
+@pytest.mark.parametrize("method", ["loratorio", "composite", "switch"])
+def test_torch_compile_model_gives_the_same_images(engine, sd15, tiny_model_factory, loras_folder, method):
+    """ComfyUI's TorchCompileModel swaps in a compiled diffusion model per call: compiled before the
+    per-row hooks existed (a plain KSampler run first), it must not drop the LoRAs."""
+    import torch._dynamo
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    stack = [
+        (write_lora(loras_folder / f"c{i}.safetensors", "sd15", sd15.model, "kohya", seed=50 + i).name, 1.0, 1.0)
+        for i in range(2)
+    ]
+    expected = run_sampler(engine, make_guider(engine, method, sd15, stack))["samples"]
+    compiled = sd15.clone()
+    set_torch_compile_wrapper(compiled, backend="eager")
+    torch._dynamo.reset()
+    ksampler(compiled, "euler", 5.0)  # compiles the plain model first
+    counters = torch._dynamo.utils.counters
+    breaks_before = sum(counters["graph_break"].values())
+    got = run_sampler(engine, make_guider(engine, method, compiled, stack))["samples"]
+    assert_equal_images(got, expected)
+    assert sum(counters["graph_break"].values()) - breaks_before < 10
+    assert_equal_images(ksampler(compiled, "euler", 5.0), ksampler(sd15, "euler", 5.0))

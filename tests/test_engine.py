@@ -386,3 +386,20 @@ def test_no_weight_is_written_during_composition(engine, tiny_model_factory, sd1
         run_sampler(engine, make_guider(engine, method, patcher, sd15_stack[:3]))
     after = {name: (id(p), p._version, p.data_ptr()) for name, p in patcher.model.named_parameters()}
     assert after == before
+
+
+def test_a_second_run_with_the_same_loras_rebuilds_nothing(engine, tiny_model_factory, sd15_stack, loras_folder, monkeypatch):
+    patcher = tiny_model_factory("sd15")
+    engine.adapter_set.ROW_LAYERS.clear()
+    builds = []
+    original = engine.adapter_set.stack_layer
+    monkeypatch.setattr(engine.adapter_set, "stack_layer", lambda *a, **k: builds.append(1) or original(*a, **k))
+    first = run_sampler(engine, make_guider(engine, "loratorio", patcher, sd15_stack[:2]))["samples"]
+    layers_built = len(builds)
+    assert layers_built > 0
+    second = run_sampler(engine, make_guider(engine, "loratorio", patcher, sd15_stack[:2]))["samples"]
+    assert len(builds) == layers_built, "the second run rebuilt the stacks"
+    torch.testing.assert_close(first, second)
+    changed = [(name, 0.5 if i == 0 else strength, clip) for i, (name, strength, clip) in enumerate(sd15_stack[:2])]
+    run_sampler(engine, make_guider(engine, "loratorio", patcher, changed))
+    assert len(builds) == 2 * layers_built, "a new strength builds new stacks"

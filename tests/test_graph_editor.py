@@ -57,6 +57,10 @@ def nodes_2_editor(chromium, server):
     if not editor.vue_nodes_active():
         page.close()
         pytest.skip("this frontend has no Nodes 2.0 (Comfy.VueNodes.Enabled)")
+    if not editor.vue_widgets_addressable():
+        page.close()
+        pytest.skip("this frontend's early Nodes 2.0 names no widget in the DOM (data-widget-name, frontend 1.4x on)")
+    editor.clear()
     yield editor
     page.close()
     assert editor.pack_errors() == []
@@ -235,3 +239,41 @@ def test_nodes_2_rows_grow_and_shrink_the_payload_stays_scalar_and_the_weight_ma
     weight_map = editor.page.locator(f'[data-node-id="{sampler}"] img[src*="loratorio-weightmaps"]').first
     weight_map.wait_for(timeout=30_000)
     editor.screenshot("nodes-2-loratorio-workflow-after-run")
+
+
+@pytest.fixture
+def toy_editor(chromium, toy_server):
+    from support.graph_editor import GraphEditor
+
+    page = chromium.new_page(viewport={"width": 1400, "height": 900})
+    editor = GraphEditor(page, toy_server.url, ARTIFACTS)
+    editor.open()
+    yield editor
+    page.close()
+    assert editor.pack_errors() == []
+
+
+def test_run_on_the_toy_loratorio_template_draws_the_asked_concepts(toy_editor, toy_server):
+    """What a newcomer does after ``make serve``: open the toy LoRAtorio template, click Run."""
+    import numpy as np
+    from PIL import Image
+    from quality.detector import detect
+
+    editor = toy_editor
+    editor.open_template("toy-loratorio", section="loratorio_toy_world")
+    sampler = editor.node_id("LoRAtorioSampler")
+    prompt_id = editor.run()
+    deadline = time.monotonic() + 300
+    while prompt_id not in (history := toy_server.get_json(f"/history/{prompt_id}")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    entry = history[prompt_id]
+    assert execution_error(entry) is None
+    saved = [image for output in entry["outputs"].values() for image in output.get("images", []) if image["type"] == "output"]
+    output_dir = toy_server.log_path.parent / "output"
+    (picture,) = [output_dir / i["subfolder"] / i["filename"] for i in saved if "weightmaps" not in i["filename"]]
+    pixels = np.asarray(Image.open(picture).convert("RGB"), dtype=np.float32)
+    found = detect(pixels[:: pixels.shape[0] // 32, :: pixels.shape[1] // 32] / 255.0)  # back to the 32x32 toy image
+    asked = {"ruby-disk", "lemon-stripe", "dusk-style"}
+    assert len(asked & found.colour_present) >= 2 and asked & found.present, (found, picture)
+    editor.page.wait_for_function(f"() => (app.graph.getNodeById({sampler}).imgs ?? []).length > 0", timeout=30_000)
+    editor.screenshot("toy-loratorio-after-run")

@@ -137,6 +137,15 @@ class GraphEditor:
         """Whether this frontend knows Nodes 2.0 and has it on."""
         return bool(self.page.evaluate(f"() => app.extensionManager?.setting?.get('{VUE_NODES_SETTING}') === true"))
 
+    def vue_widgets_addressable(self) -> bool:
+        """Whether Nodes 2.0 marks widgets with ``data-widget-name`` (the early versions do not)."""
+        self.page.evaluate("() => app.graph.add(LiteGraph.createNode('EmptyLatentImage'))")
+        try:
+            self.page.locator("[data-node-id] [data-widget-name]").first.wait_for(timeout=5000)
+        except PlaywrightTimeout:
+            return False
+        return True
+
     def widget_element(self, node_id: int, widget_name: str):
         """A widget's DOM element under Nodes 2.0."""
         return self.page.locator(f'[data-node-id="{node_id}"] [data-widget-name="{widget_name}"]')
@@ -193,11 +202,11 @@ class GraphEditor:
             }"""
         )
 
-    def open_template(self, name: str) -> None:
-        """Templates (sidebar) -> this pack's section -> the workflow's card."""
+    def open_template(self, name: str, section: str = PACK_NAME) -> None:
+        """Templates (sidebar) -> a custom node set's section (this pack's by default) -> the workflow's card."""
         self.page.get_by_role("button", name="Templates").first.click()
         dialog = self.page.get_by_role("dialog")
-        dialog.get_by_text(PACK_NAME, exact=True).click()
+        dialog.get_by_text(section, exact=True).click()
         card = dialog.get_by_test_id(f"template-workflow-{name}")
         card.locator("img").first.wait_for()
         self.page.wait_for_function(
