@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import folder_paths
 
+from pathlib import Path
+
 from ..loratorio_comfy.adapter_set import lora_path
 from ..loratorio_comfy.adapters import SAFETENSORS_SUFFIXES
+from ..loratorio_comfy.lora_metadata import MetadataError, read_metadata, trigger_words
 from .common import CATEGORY, LORA_STACK, NO_LORA, LoraStackEntry, as_lora_stack
 
 MAX_LORA_SLOTS = 8
@@ -20,9 +23,12 @@ class MultiLoRALoader:
     """Collects up to ``MAX_LORA_SLOTS`` LoRAs (plus an incoming ``LORA_STACK``) into one stack."""
 
     CATEGORY = CATEGORY
-    RETURN_TYPES = (LORA_STACK,)
-    RETURN_NAMES = ("lora_stack",)
-    OUTPUT_TOOLTIPS = ("The enabled LoRAs as (lora_name, model_strength, clip_strength) rows, in slot order.",)
+    RETURN_TYPES = (LORA_STACK, "STRING")
+    RETURN_NAMES = ("lora_stack", "trigger_words")
+    OUTPUT_TOOLTIPS = (
+        "The enabled LoRAs as (lora_name, model_strength, clip_strength) rows, in slot order.",
+        "The trigger words of every LoRA of the stack, in order, comma-separated: put them into the prompt.",
+    )
     FUNCTION = "collect"
     DESCRIPTION = (
         "Choose the LoRA adapters to compose, each with a strength and an on/off switch. "
@@ -55,7 +61,19 @@ class MultiLoRALoader:
             lora_path(str(name))
             strength = float(rows.get(f"strength_{slot}", 1.0))  # type: ignore[arg-type]
             stack.append(LoraStackEntry(str(name), strength, strength))
-        return (stack,)
+        return (stack, stack_trigger_words(stack))
+
+
+def stack_trigger_words(stack: list[LoraStackEntry]) -> str:
+    """Every LoRA's trigger words from its file's metadata, in stack order, without repeats."""
+    words: list[str] = []
+    for entry in stack:
+        try:
+            found, _ = trigger_words(read_metadata(Path(lora_path(entry.lora_name))))
+        except (MetadataError, OSError):
+            continue  # a file without readable metadata has no trigger words to offer
+        words += [word for word in found if word not in words]
+    return ", ".join(words)
 
 
 NODE_CLASS_MAPPINGS = {"MultiLoRALoader": MultiLoRALoader}

@@ -37,10 +37,28 @@ def test_nodes_are_registered(pack):
         cls.INPUT_TYPES()
 
 
+def test_multi_lora_loader_outputs_the_trigger_words_of_enabled_loras_in_order(pack, sd15_loras, loras_folder):
+    import safetensors.torch
+
+    for name, metadata in (
+        ("character.safetensors", {"modelspec.trigger_phrase": "knight, red shield"}),
+        ("style.safetensors", {"trigger_words": '["watercolour", "knight"]'}),
+        ("off.safetensors", {"modelspec.trigger_phrase": "never shown"}),
+    ):
+        tensors = safetensors.torch.load_file(str(loras_folder / sd15_loras[0]))
+        safetensors.torch.save_file(tensors, str(loras_folder / name), metadata=metadata)
+    loader = pack.NODE_CLASS_MAPPINGS["MultiLoRALoader"]()
+    rows = {"lora_1": "style.safetensors", "lora_2": "off.safetensors", "enabled_2": False, "lora_3": sd15_loras[1]}
+    (stack, words) = loader.collect(lora_stack=[("character.safetensors", 1.0, 1.0)], **rows)
+    assert [entry.lora_name for entry in stack] == ["character.safetensors", "style.safetensors", sd15_loras[1]]
+    assert words == "knight, red shield, watercolour"
+    assert pack.NODE_CLASS_MAPPINGS["MultiLoRALoader"].RETURN_TYPES == ("LORA_STACK", "STRING")
+
+
 def test_multi_lora_loader_collects_enabled_rows_in_order(pack, sd15_loras):
     loader = pack.NODE_CLASS_MAPPINGS["MultiLoRALoader"]()
     incoming = [(sd15_loras[2], 0.3, 0.2)]
-    (stack,) = loader.collect(
+    (stack, _) = loader.collect(
         lora_stack=incoming,
         lora_1=sd15_loras[0],
         strength_1=0.8,
