@@ -4,7 +4,7 @@ PYTHON ?= python3
 HOST := $(PYTHON) tools/host.py
 PORT ?= 8188
 
-.PHONY: demo serve test compat host lint format workflows
+.PHONY: demo serve test compat gpu-check host lint format workflows
 
 demo:  ## every method composes the toy world's trained LoRAs through ComfyUI's HTTP API; images, sheet, summary in out/demo
 	$(HOST) run -- tools/demo.py $(DEMO_ARGS)
@@ -22,6 +22,13 @@ compat:  ## the whole suite against another ComfyUI tree: make compat COMFYUI=/p
 	@test -n "$(COMFYUI)" || { echo "usage: make compat COMFYUI=/path/to/ComfyUI (the folder with main.py)"; exit 2; }
 	$(PYTHON) tools/browser.py
 	$(PYTHON) tools/compat.py test --comfyui "$(COMFYUI)" $(if $(FRONTEND),--frontend $(FRONTEND)) -- $(PYTEST_ARGS)
+
+gpu-check:  ## on a machine with an NVIDIA GPU (about 10 min): x floor for SD1.5 512 and SDXL 1024, N = 1..5, fp16 and bf16, and the per-layer table
+	$(HOST) run -- tools/benchmark.py --models sd15-512,sdxl-1024 --adapters 1,2,3,4,5 --pools "" --repeats 1 \
+		--methods loratorio,loratorio-lambda1,composite,switch,merge --dtype float16 --out out/gpu/float16
+	$(HOST) run -- tools/benchmark.py --models sd15-512,sdxl-1024 --adapters 1,2,3,4,5 --pools "" --repeats 1 \
+		--methods loratorio,loratorio-lambda1,composite,switch,merge --dtype bfloat16 --out out/gpu/bfloat16
+	$(HOST) run -- tools/benchmark.py --per-layer --ranks 16,32,64,128 --adapters 2,4
 
 host:  ## build (or reuse) the host and print where it is
 	$(HOST) setup

@@ -75,6 +75,11 @@ class Result:
     rows_per_forward: float
     peak_memory_mb: float
     ratio_to_floor: float | None = None
+    # a cold run: guider built from the node inputs, stacks built, STEPS_LONG steps (set-up included)
+    first_run_seconds: float | None = None
+    first_step_seconds: float | None = None  # from building the guider to the first step's callback
+    first_run_vs_ksampler: float | None = None
+    first_step_vs_ksampler: float | None = None
 
 
 class PeakMemory:
@@ -259,6 +264,9 @@ class Bench:
                 (merged,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(merged, name, strength)
             guider = comfy.samplers.CFGGuider(merged)
             guider.set_cfg(cfg)
+        elif method == "ksampler":
+            guider = comfy.samplers.CFGGuider(self.patcher)
+            guider.set_cfg(cfg)
         elif method.startswith("floor-"):
             guider = floor_guider(self.patcher, int(method.split("-")[1]))
         else:
@@ -266,7 +274,19 @@ class Bench:
         guider.set_conds(self.positive, self.negative)
         return guider
 
-    def sample_seconds(self, guider, steps: int) -> float:
+    def cold_run(self, method: str, n: int) -> tuple[float, float]:
+        """(whole run, time to the first step's callback) from the node inputs, nothing cached."""
+        from comfyui_loratorio.loratorio_comfy import adapter_set
+
+        adapter_set.ROW_LAYERS.clear()
+        first_step: list[float] = []
+        start = time.perf_counter()
+        guider = self.guider(method, n)
+        total = self.sample_seconds(guider, STEPS_LONG, lambda *_: first_step or first_step.append(time.perf_counter()))
+        setup = time.perf_counter() - start - total
+        return setup + total, first_step[0] - start
+
+    def sample_seconds(self, guider, steps: int, callback=None) -> float:
         import comfy.samplers
         import torch
 
@@ -276,12 +296,13 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, disable_pbar=True, seed=0)
+        guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, callback=callback, disable_pbar=True, seed=0)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
     def measure(self, method: str, n: int, rows: int) -> Result:
+        first_run, first_step = self.cold_run(method, n) if not method.startswith("floor-") else (None, None)
         guider = self.guider(method, n)
         counts: list[int] = []
         handle = self.patcher.model.diffusion_model.register_forward_pre_hook(lambda _m, a: counts.append(a[0].shape[0]))
@@ -307,6 +328,8 @@ class Bench:
             float(forwards),
             total_rows / max(forwards, 1),
             memory.peak_mb,
+            first_run_seconds=first_run,
+            first_step_seconds=first_step,
         )
 
 
@@ -335,12 +358,16 @@ def run(options: argparse.Namespace, save) -> list[Result]:
                 print(f"  {bench.name} floor {rows} rows: {floors[rows].step_seconds * 1000:.1f} ms/step", flush=True)
             return floors[rows]
 
+        ksampler = bench.cold_run("ksampler", 0)  # plain KSampler on the base model, the same way
+        print(f"  {bench.name} plain KSampler: first run {ksampler[0]:.2f} s, first step {ksampler[1]:.2f} s", flush=True)
         plan = [(m, n) for n in options.adapters for m in options.methods]
         plan += [("loratorio-dynamic", m) for m in options.pools]
         for method, n in plan:
             rows = rows_for(method, n)
             result = bench.measure(method, n, rows)
             result.ratio_to_floor = result.step_seconds / floor(rows).step_seconds
+            result.first_run_vs_ksampler = result.first_run_seconds / ksampler[0]
+            result.first_step_vs_ksampler = result.first_step_seconds / ksampler[1]
             results.append(result)
             save(results)
             print(
@@ -359,8 +386,9 @@ def markdown(results: list[Result], meta: dict) -> str:
         f"Measured {meta['date']} on {meta['device']} ({meta['dtype']}), LoRA rank {meta['rank']} on attention and feed-forward "
         f"layers, euler, median of {meta['repeats']} runs; per-step time from {STEPS_SHORT}- and {STEPS_LONG}-step runs.",
         "",
-        "| model | method | N | rows/step | forwards/step | rows/forward | ms/step | x floor | vs hooks | vs naive | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | method | N | rows/step | forwards/step | rows/forward | ms/step | x floor | vs hooks | vs naive | peak MB "
+        "| first run x KSampler | first step x KSampler |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r.method.startswith("floor-"):
@@ -371,7 +399,8 @@ def markdown(results: list[Result], meta: dict) -> str:
         vs_naive = f"{naive.step_seconds / r.step_seconds:.2f}x" if naive and r.method != "naive-remerge" else ""
         lines.append(
             f"| {r.model} | {r.method} | {r.adapters} | {r.rows_per_step} | {r.forwards_per_step:g} | {r.rows_per_forward:.1f} | "
-            f"{r.step_seconds * 1000:.1f} | {r.ratio_to_floor:.2f} | {vs_hooks} | {vs_naive} | {r.peak_memory_mb:.0f} |"
+            f"{r.step_seconds * 1000:.1f} | {r.ratio_to_floor:.2f} | {vs_hooks} | {vs_naive} | {r.peak_memory_mb:.0f} | "
+            f"{r.first_run_vs_ksampler:.2f} | {r.first_step_vs_ksampler:.2f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -45,25 +45,38 @@ METHODS = (
 def best_time(call: Callable[[], object], iterations: int, repeats: int) -> float:
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         for _ in range(iterations):
             call()
+        synchronize()
         times.append((time.perf_counter() - start) / iterations)
     return min(times)
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    """The GPU in half precision when there is one (what users run), else the CPU in float32."""
+    return (torch.device("cuda"), torch.float16) if torch.cuda.is_available() else (torch.device("cpu"), torch.float32)
 
 
 def layer_ratio(row_lora, tokens: int, width_in: int, width_out: int, rank: int, method: MethodRows, adapters: int,
                 iterations: int = 5, repeats: int = 3) -> float:  # fmt: skip
     """Hook time over base matmul time for one layer shape and method."""
     generator = torch.Generator().manual_seed(0)
+    device, dtype = device_and_dtype()
     rows = torch.tensor(method.rows(adapters))
-    module = torch.nn.Linear(width_in, width_out, bias=False)
-    x = torch.randn(len(rows), tokens, width_in, generator=generator)
+    module = torch.nn.Linear(width_in, width_out, bias=False).to(device, dtype)
+    x = torch.randn(len(rows), tokens, width_in, generator=generator).to(device, dtype)
     factors = [
         [(_factor(row_lora, width_in, width_out, rank, generator), 1.0)] for _ in range(adapters)
     ]  # one rank-``rank`` LoRA per adapter
     layers = row_lora.RowLayers({"layer": row_lora.LayerDeltas(row_lora.stack_layer(factors, width_out, None), {})})
-    plan = row_lora.row_plan(rows, adapters, x.device, set())
+    plan = row_lora.row_plan(rows, adapters, device, set())
     hook = row_lora.RowLoRAHook(module, "layer", layers, plan)
     output = F.linear(x, module.weight)
     with torch.no_grad():
