@@ -50,13 +50,6 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
         self.set_cfg(cfg)
         self.model_options = comfy.model_patcher.create_model_options_clone(model_patcher.model_options)
         comfy.patcher_extension.add_wrapper_with_key(
-            comfy.patcher_extension.WrappersMP.APPLY_MODEL,
-            WRAPPER_KEY,
-            apply_model_with_rows,
-            self.model_options,
-            is_model_options=True,
-        )
-        comfy.patcher_extension.add_wrapper_with_key(
             comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING,
             WRAPPER_KEY,
             functools.partial(reserve_memory_for_rows, self.rows_per_step()),
@@ -109,6 +102,19 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
         with row_layers_registered(self.adapters.row_layers) as run_id:
             self._run_id = run_id
             return super().sample(*args, **kwargs)
+
+    def outer_sample(self, *args, **kwargs):
+        """The per-row ``APPLY_MODEL`` wrapper goes in here, innermost: by now ComfyUI has merged the
+        model patcher's own wrappers into this run's options, and some of them (TorchCompileModel's)
+        swap the diffusion model per call; the hooks must land on the modules that actually run."""
+        comfy.patcher_extension.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.APPLY_MODEL,
+            WRAPPER_KEY,
+            apply_model_with_rows,
+            self.model_options,
+            is_model_options=True,
+        )
+        return super().outer_sample(*args, **kwargs)
 
     def evaluate(
         self, rows: list[tuple[str, int]], x: torch.Tensor, timestep: torch.Tensor, model_options: dict
