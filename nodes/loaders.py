@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import folder_paths
-
 from pathlib import Path
+
+import folder_paths
 
 from ..loratorio_comfy.adapter_set import lora_path
 from ..loratorio_comfy.adapters import SAFETENSORS_SUFFIXES

@@ -22,21 +22,12 @@ from support.engine_helpers import (
     assert_same_weights,
     comfy_conditioning,
     make_guider,
+    merged_prediction,
     run_sampler,
     snapshot,
 )
 from support.lora_files import KEY_STYLES, LYCORIS_KINDS, write_lora, write_lycoris
 from support.tiny_models import FAMILIES, conditioning, latent
-
-
-def merged_prediction(patcher, family: str, lora_file, strength: float) -> torch.Tensor:
-    lora = comfy.utils.load_torch_file(str(lora_file), safe_load=True)
-    merged, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0.0)
-    comfy.model_management.load_models_gpu([merged])
-    with torch.no_grad():
-        out = merged.model.apply_model(latent(family), torch.tensor([2.0]), **conditioning(family))
-    comfy.model_management.unload_all_models()
-    return out
 
 
 def row_predictions(engine, patcher, family: str, adapters, row_map: tuple[int, ...]) -> list[torch.Tensor]:
@@ -75,7 +66,7 @@ def test_adapter_rows_equal_comfyui_merged_lora(engine, family, style, tiny_mode
         plain = patcher.model.apply_model(latent(family), torch.tensor([2.0]), **conditioning(family))
     torch.testing.assert_close(base, plain, rtol=1e-5, atol=1e-5)
     for row, lora_file, strength in ((first, files[0], strengths[0]), (second, files[1], strengths[1])):
-        expected = merged_prediction(patcher, family, lora_file, strength)
+        expected = merged_prediction(patcher, family, comfy.utils.load_torch_file(str(lora_file), safe_load=True), strength)
         assert not torch.allclose(expected, plain, atol=1e-3)
         torch.testing.assert_close(row, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 

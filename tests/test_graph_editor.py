@@ -5,6 +5,7 @@ Screenshots of each state go to ``test-artifacts/graph-editor/``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -34,36 +35,37 @@ def chromium():
         browser.close()
 
 
-@pytest.fixture
-def editor(chromium, server):
+@contextlib.contextmanager
+def open_editor(chromium, url: str, vue_nodes: bool = False):
+    """A fresh page of the graph editor at ``url``; on the way out, no error from the pack's script."""
     from support.graph_editor import GraphEditor
 
     page = chromium.new_page(viewport={"width": 1400, "height": 900})
-    editor = GraphEditor(page, server.url, ARTIFACTS)
-    editor.open()
-    yield editor
-    page.close()
+    editor = GraphEditor(page, url, ARTIFACTS, vue_nodes=vue_nodes)
+    try:
+        editor.open()
+        yield editor
+    finally:
+        page.close()
     assert editor.pack_errors() == []
+
+
+@pytest.fixture
+def editor(chromium, server):
+    with open_editor(chromium, server.url) as editor:
+        yield editor
 
 
 @pytest.fixture
 def nodes_2_editor(chromium, server):
     """The editor with Nodes 2.0 on, where the frontend has it (the default of new installs since 2026)."""
-    from support.graph_editor import GraphEditor
-
-    page = chromium.new_page(viewport={"width": 1400, "height": 900})
-    editor = GraphEditor(page, server.url, ARTIFACTS, vue_nodes=True)
-    editor.open()
-    if not editor.vue_nodes_active():
-        page.close()
-        pytest.skip("this frontend has no Nodes 2.0 (Comfy.VueNodes.Enabled)")
-    if not editor.vue_widgets_addressable():
-        page.close()
-        pytest.skip("this frontend's early Nodes 2.0 names no widget in the DOM (data-widget-name, frontend 1.4x on)")
-    editor.clear()
-    yield editor
-    page.close()
-    assert editor.pack_errors() == []
+    with open_editor(chromium, server.url, vue_nodes=True) as editor:
+        if not editor.vue_nodes_active():
+            pytest.skip("this frontend has no Nodes 2.0 (Comfy.VueNodes.Enabled)")
+        if not editor.vue_widgets_addressable():
+            pytest.skip("this frontend's early Nodes 2.0 names no widget in the DOM (data-widget-name, frontend 1.4x on)")
+        editor.clear()
+        yield editor
 
 
 def expected_widgets(node_info: dict) -> set[str]:
@@ -243,14 +245,8 @@ def test_nodes_2_rows_grow_and_shrink_the_payload_stays_scalar_and_the_weight_ma
 
 @pytest.fixture
 def toy_editor(chromium, toy_server):
-    from support.graph_editor import GraphEditor
-
-    page = chromium.new_page(viewport={"width": 1400, "height": 900})
-    editor = GraphEditor(page, toy_server.url, ARTIFACTS)
-    editor.open()
-    yield editor
-    page.close()
-    assert editor.pack_errors() == []
+    with open_editor(chromium, toy_server.url) as editor:
+        yield editor
 
 
 def test_run_on_the_toy_loratorio_template_draws_the_asked_concepts(toy_editor, toy_server):

@@ -11,16 +11,8 @@ import pytest
 import safetensors.torch
 import torch
 
+from support.engine_helpers import merged_prediction
 from support.tiny_models import conditioning, latent
-
-
-def merged_prediction(patcher, family: str, lora: dict, strength: float) -> torch.Tensor:
-    merged, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0.0)
-    comfy.model_management.load_models_gpu([merged])
-    with torch.no_grad():
-        out = merged.model.apply_model(latent(family), torch.tensor([2.0]), **conditioning(family))
-    comfy.model_management.unload_all_models()
-    return out
 
 
 def adapter_row_prediction(engine, patcher, family: str, name: str, strength: float) -> torch.Tensor:

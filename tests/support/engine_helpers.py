@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny_models import conditioning
+from .tiny_models import conditioning, latent
 
 STEPS = 3
 
@@ -71,3 +71,16 @@ def make_guider(engine, method: str, patcher, stack, cfg: float = 5.0, **options
     if method == "composite":
         return engine.build.composite_guider(patcher, positive, negative, stack, cfg)
     return engine.build.switch_guider(patcher, positive, negative, stack, cfg, options.get("tau", 2))
+
+
+def merged_prediction(patcher, family: str, lora: dict, strength: float) -> torch.Tensor:
+    """One forward of ComfyUI's own LoRA merge (what LoraLoader does) of ``lora`` (a state dict) at ``strength``."""
+    import comfy.model_management
+    import comfy.sd
+
+    merged, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0.0)
+    comfy.model_management.load_models_gpu([merged])
+    with torch.no_grad():
+        out = merged.model.apply_model(latent(family), torch.tensor([2.0]), **conditioning(family))
+    comfy.model_management.unload_all_models()
+    return out
