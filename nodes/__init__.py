@@ -42,5 +42,31 @@ def register_routes() -> bool:
         return False
 
 
+# The ids before the pack prefixed them (generic ids that other packs' nodes also use, ignoring case):
+# workflows saved with them keep loading and running through hidden, deprecated aliases.
+LEGACY_NODE_IDS = {
+    "MultiLoRALoader": "LoRAtorioMultiLoRALoader",
+    "MultiLoRATextEncode": "LoRAtorioMultiLoRATextEncode",
+    "LoRAMerge": "LoRAtorioMerge",
+    "LoRACompositeSampler": "LoRAtorioCompositeSampler",
+    "LoRASwitchSampler": "LoRAtorioSwitchSampler",
+    "LoRACompositeGuider": "LoRAtorioCompositeGuider",
+    "LoRASwitchGuider": "LoRAtorioSwitchGuider",
+}
+
+
+def legacy_aliases(classes: dict[str, type], display_names: dict[str, str]) -> tuple[dict[str, type], dict[str, str]]:
+    """A deprecated subclass (hidden from the node search) under each old id whose new node loaded."""
+    aliases, names = {}, {}
+    for old, new in LEGACY_NODE_IDS.items():
+        if new in classes:
+            aliases[old] = type(old, (classes[new],), {"DEPRECATED": True})
+            names[old] = f"{display_names[new]} (old id)"
+    return aliases, names
+
+
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, FAILED_MODULES = collect_node_modules(__name__, NODE_MODULES)
+_aliases, _alias_names = legacy_aliases(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)
+NODE_CLASS_MAPPINGS.update(_aliases)
+NODE_DISPLAY_NAME_MAPPINGS.update(_alias_names)
 ROUTES_REGISTERED = register_routes()

@@ -85,13 +85,13 @@ class LoRAtorioWeightMaps:
 
 NODE_CLASS_MAPPINGS = {
     "LoRAtorioGuider": LoRAtorioGuiderNode,
-    "LoRACompositeGuider": LoRACompositeGuiderNode,
-    "LoRASwitchGuider": LoRASwitchGuiderNode,
+    "LoRAtorioCompositeGuider": LoRACompositeGuiderNode,
+    "LoRAtorioSwitchGuider": LoRASwitchGuiderNode,
     "LoRAtorioWeightMaps": LoRAtorioWeightMaps,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoRAtorioGuider": "LoRAtorio Guider",
-    "LoRACompositeGuider": "LoRA Composite Guider",
-    "LoRASwitchGuider": "LoRA Switch Guider",
+    "LoRAtorioCompositeGuider": "LoRA Composite Guider",
+    "LoRAtorioSwitchGuider": "LoRA Switch Guider",
     "LoRAtorioWeightMaps": "LoRAtorio Weight Maps",
 }

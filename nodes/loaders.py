@@ -76,5 +76,5 @@ def stack_trigger_words(stack: list[LoraStackEntry]) -> str:
     return ", ".join(words)
 
 
-NODE_CLASS_MAPPINGS = {"MultiLoRALoader": MultiLoRALoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"MultiLoRALoader": "Multi-LoRA Loader"}
+NODE_CLASS_MAPPINGS = {"LoRAtorioMultiLoRALoader": MultiLoRALoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"LoRAtorioMultiLoRALoader": "Multi-LoRA Loader"}

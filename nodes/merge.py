@@ -47,5 +47,5 @@ class LoRAMerge:
         return (model, clip)
 
 
-NODE_CLASS_MAPPINGS = {"LoRAMerge": LoRAMerge}
-NODE_DISPLAY_NAME_MAPPINGS = {"LoRAMerge": "LoRA Merge (baseline)"}
+NODE_CLASS_MAPPINGS = {"LoRAtorioMerge": LoRAMerge}
+NODE_DISPLAY_NAME_MAPPINGS = {"LoRAtorioMerge": "LoRA Merge (baseline)"}

@@ -31,5 +31,5 @@ class MultiLoRATextEncode:
         return (encode_per_adapter(clip, text, as_lora_stack(lora_stack)),)
 
 
-NODE_CLASS_MAPPINGS = {"MultiLoRATextEncode": MultiLoRATextEncode}
-NODE_DISPLAY_NAME_MAPPINGS = {"MultiLoRATextEncode": "Multi-LoRA Text Encode (per adapter)"}
+NODE_CLASS_MAPPINGS = {"LoRAtorioMultiLoRATextEncode": MultiLoRATextEncode}
+NODE_DISPLAY_NAME_MAPPINGS = {"LoRAtorioMultiLoRATextEncode": "Multi-LoRA Text Encode (per adapter)"}

@@ -85,11 +85,11 @@ class LoRASwitchSampler:
 
 NODE_CLASS_MAPPINGS = {
     "LoRAtorioSampler": LoRAtorioSampler,
-    "LoRACompositeSampler": LoRACompositeSampler,
-    "LoRASwitchSampler": LoRASwitchSampler,
+    "LoRAtorioCompositeSampler": LoRACompositeSampler,
+    "LoRAtorioSwitchSampler": LoRASwitchSampler,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoRAtorioSampler": "LoRAtorio Sampler",
-    "LoRACompositeSampler": "LoRA Composite Sampler",
-    "LoRASwitchSampler": "LoRA Switch Sampler",
+    "LoRAtorioCompositeSampler": "LoRA Composite Sampler",
+    "LoRAtorioSwitchSampler": "LoRA Switch Sampler",
 }

@@ -77,6 +77,8 @@ def expected_widgets(node_info: dict) -> set[str]:
 def test_node_search_finds_every_pack_node_and_adds_it_with_its_widgets(editor, server, pack):
     object_info = server.get_json("/object_info")
     for node_type, display_name in pack.NODE_DISPLAY_NAME_MAPPINGS.items():
+        if getattr(pack.NODE_CLASS_MAPPINGS[node_type], "DEPRECATED", False):
+            continue  # the old ids: hidden from the search, kept for saved workflows
         editor.clear()
         first_result = editor.search_and_add(display_name)
         assert first_result[0] == display_name and "comfyui-loratorio" in first_result, first_result
@@ -84,10 +86,10 @@ def test_node_search_finds_every_pack_node_and_adds_it_with_its_widgets(editor, 
         widgets = editor.widgets(node_id)
         missing = expected_widgets(object_info[node_type]) - set(widgets)
         assert not missing, f"{node_type} is missing widgets {missing}"
-        if node_type == "MultiLoRALoader":
+        if node_type == "LoRAtorioMultiLoRALoader":
             shown = editor.widgets(node_id, shown_only=True)
             assert list(shown) == ["lora_1", "strength_1", "enabled_1", "+ Add LoRA", "- Remove last LoRA"]
-        if node_type in ("MultiLoRALoader", "LoRAtorioSampler"):
+        if node_type in ("LoRAtorioMultiLoRALoader", "LoRAtorioSampler"):
             editor.screenshot(f"search-added-{node_type}")
 
 
@@ -102,6 +104,17 @@ def test_missing_nodes_are_detected(editor):
     editor.page.evaluate("async workflow => await app.loadGraphData(workflow)", workflow)
     editor.page.wait_for_timeout(500)
     assert "NoSuchLoRANode" in editor.missing_node_types() or any("NoSuchLoRANode" in t for t in editor.dialog_texts())
+
+
+def test_a_workflow_saved_with_the_old_node_ids_opens_without_missing_nodes(editor):
+    legacy = json.loads((REPO / "tests" / "data" / "legacy-loratorio.json").read_text())
+    assert "MultiLoRALoader" in {node["type"] for node in legacy["nodes"]}
+    editor.page.evaluate("async workflow => await app.loadGraphData(workflow)", legacy)
+    editor.page.wait_for_timeout(500)
+    assert editor.missing_node_types() == []
+    loader = editor.node_id("MultiLoRALoader")
+    shown = editor.widgets(loader, shown_only=True)
+    assert "+ Add LoRA" in shown and "lora_3" in shown and "lora_4" not in shown, "the row extension runs on the old id too"
 
 
 @pytest.mark.parametrize("name", template_names())
@@ -119,8 +132,10 @@ def scalar(value: object) -> bool:
 
 
 def test_adding_and_removing_lora_rows_changes_the_queued_payload(editor):
-    editor.page.evaluate("() => { const n = LiteGraph.createNode('MultiLoRALoader'); n.pos = [320, 160]; app.graph.add(n); }")
-    loader = editor.node_id("MultiLoRALoader")
+    editor.page.evaluate(
+        "() => { const n = LiteGraph.createNode('LoRAtorioMultiLoRALoader'); n.pos = [320, 160]; app.graph.add(n); }"
+    )
+    loader = editor.node_id("LoRAtorioMultiLoRALoader")
     rows = lambda: editor.api_payload()[str(loader)]["inputs"]  # noqa: E731
     assert rows() == {"lora_1": "None", "strength_1": 1.0, "enabled_1": True}
 
@@ -177,7 +192,7 @@ def test_queueing_the_loratorio_workflow_gives_an_image_and_the_weight_map_on_th
     editor.set_widget(latent, "height", 64)
     prompt_id = editor.run()
 
-    loader_inputs = editor.queued_prompt[str(editor.node_id("MultiLoRALoader"))]["inputs"]
+    loader_inputs = editor.queued_prompt[str(editor.node_id("LoRAtorioMultiLoRALoader"))]["inputs"]
     assert sorted(loader_inputs) == sorted(f"{field}_{row}" for field in ("lora", "strength", "enabled") for row in (1, 2, 3))
     assert all(scalar(value) for value in loader_inputs.values())
 
@@ -199,8 +214,10 @@ def test_queueing_the_loratorio_workflow_gives_an_image_and_the_weight_map_on_th
 
 def test_nodes_2_rows_grow_and_shrink_the_payload_stays_scalar_and_the_weight_map_shows(nodes_2_editor, server):
     editor = nodes_2_editor
-    editor.page.evaluate("() => { const n = LiteGraph.createNode('MultiLoRALoader'); n.pos = [320, 160]; app.graph.add(n); }")
-    loader = editor.node_id("MultiLoRALoader")
+    editor.page.evaluate(
+        "() => { const n = LiteGraph.createNode('LoRAtorioMultiLoRALoader'); n.pos = [320, 160]; app.graph.add(n); }"
+    )
+    loader = editor.node_id("LoRAtorioMultiLoRALoader")
     rows = lambda: editor.api_payload()[str(loader)]["inputs"]  # noqa: E731
     editor.widget_element(loader, "lora_1").wait_for()
     assert rows() == {"lora_1": "None", "strength_1": 1.0, "enabled_1": True}

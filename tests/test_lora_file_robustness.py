@@ -76,7 +76,7 @@ def test_a_file_none_of_whose_layers_fit_is_refused_before_sampling(engine, sd15
 def comfy_nodes_merge():
     import comfyui_loratorio
 
-    return comfyui_loratorio.NODE_CLASS_MAPPINGS["LoRAMerge"]()
+    return comfyui_loratorio.NODE_CLASS_MAPPINGS["LoRAtorioMerge"]()
 
 
 def test_wrong_output_size_on_one_layer_is_skipped_with_a_warning(engine, sd15, loras_folder, caplog):
@@ -112,7 +112,7 @@ def test_text_encode_passes_only_text_encoder_keys(pack, sd15, loras_folder, cap
     clip = build_clip()
     name = write_kohya(loras_folder / "both.safetensors", "sd15", sd15.model, seed=5, clip=clip).name
     with caplog.at_level(logging.WARNING):
-        pack.NODE_CLASS_MAPPINGS["MultiLoRATextEncode"]().encode(clip, "a red disk", [(name, 1.0, 1.0)])
+        pack.NODE_CLASS_MAPPINGS["LoRAtorioMultiLoRATextEncode"]().encode(clip, "a red disk", [(name, 1.0, 1.0)])
     assert "lora key not loaded" not in caplog.text
 
 
@@ -141,8 +141,8 @@ def test_strengths_are_bounded_in_every_node(pack, engine, sd15, loras_folder, s
     with pytest.raises(ValueError, match=r"strength .*between -100 and 100"):
         comfy_nodes_merge().merge(sd15, stack_from_another_pack)
     with pytest.raises(ValueError, match=r"strength .*between -100 and 100"):
-        pack.NODE_CLASS_MAPPINGS["MultiLoRALoader"]().collect(lora_stack=stack_from_another_pack)
-    node = pack.NODE_CLASS_MAPPINGS["LoRACompositeSampler"]()
+        pack.NODE_CLASS_MAPPINGS["LoRAtorioMultiLoRALoader"]().collect(lora_stack=stack_from_another_pack)
+    node = pack.NODE_CLASS_MAPPINGS["LoRAtorioCompositeSampler"]()
     positive, negative = comfy_conditioning("sd15"), comfy_conditioning("sd15", seed=9)
     sampling = {"seed": 1, "steps": 2, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
     with pytest.raises(ValueError, match=r"strength .*between -100 and 100"):
@@ -162,7 +162,7 @@ def test_loader_lists_only_safetensors(pack, loras_folder, pickled_lora):
     (loras_folder / "old.pt").write_bytes(pickled_lora)
     (loras_folder / "old.ckpt").write_bytes(pickled_lora)
     (loras_folder / "new.safetensors").write_bytes(b"")
-    choices = pack.NODE_CLASS_MAPPINGS["MultiLoRALoader"].INPUT_TYPES()["optional"]["lora_1"][0]
+    choices = pack.NODE_CLASS_MAPPINGS["LoRAtorioMultiLoRALoader"].INPUT_TYPES()["optional"]["lora_1"][0]
     assert choices == ["None", "new.safetensors"]
 
 

@@ -29,7 +29,7 @@ def sd15_loras(loras_folder, tiny_model_factory):
 
 
 def test_nodes_are_registered(pack):
-    assert {"MultiLoRALoader", "LoRAMerge"} <= set(pack.NODE_CLASS_MAPPINGS)
+    assert {"LoRAtorioMultiLoRALoader", "LoRAtorioMerge"} <= set(pack.NODE_CLASS_MAPPINGS)
     assert pack.WEB_DIRECTORY == "./web"
     for name, cls in pack.NODE_CLASS_MAPPINGS.items():
         assert name in pack.NODE_DISPLAY_NAME_MAPPINGS
@@ -47,16 +47,16 @@ def test_multi_lora_loader_outputs_the_trigger_words_of_enabled_loras_in_order(p
     ):
         tensors = safetensors.torch.load_file(str(loras_folder / sd15_loras[0]))
         safetensors.torch.save_file(tensors, str(loras_folder / name), metadata=metadata)
-    loader = pack.NODE_CLASS_MAPPINGS["MultiLoRALoader"]()
+    loader = pack.NODE_CLASS_MAPPINGS["LoRAtorioMultiLoRALoader"]()
     rows = {"lora_1": "style.safetensors", "lora_2": "off.safetensors", "enabled_2": False, "lora_3": sd15_loras[1]}
     (stack, words) = loader.collect(lora_stack=[("character.safetensors", 1.0, 1.0)], **rows)
     assert [entry.lora_name for entry in stack] == ["character.safetensors", "style.safetensors", sd15_loras[1]]
     assert words == "knight, red shield, watercolour"
-    assert pack.NODE_CLASS_MAPPINGS["MultiLoRALoader"].RETURN_TYPES == ("LORA_STACK", "STRING")
+    assert pack.NODE_CLASS_MAPPINGS["LoRAtorioMultiLoRALoader"].RETURN_TYPES == ("LORA_STACK", "STRING")
 
 
 def test_multi_lora_loader_collects_enabled_rows_in_order(pack, sd15_loras):
-    loader = pack.NODE_CLASS_MAPPINGS["MultiLoRALoader"]()
+    loader = pack.NODE_CLASS_MAPPINGS["LoRAtorioMultiLoRALoader"]()
     incoming = [(sd15_loras[2], 0.3, 0.2)]
     (stack, _) = loader.collect(
         lora_stack=incoming,
@@ -75,14 +75,14 @@ def test_multi_lora_loader_collects_enabled_rows_in_order(pack, sd15_loras):
     )
     assert [tuple(e) for e in stack] == [(sd15_loras[2], 0.3, 0.2), (sd15_loras[0], 0.8, 0.8), (sd15_loras[1], -0.5, -0.5)]
     assert incoming == [(sd15_loras[2], 0.3, 0.2)], "the incoming stack must not be modified"
-    assert sd15_loras[0] in pack.NODE_CLASS_MAPPINGS["MultiLoRALoader"].INPUT_TYPES()["optional"]["lora_1"][0]
+    assert sd15_loras[0] in pack.NODE_CLASS_MAPPINGS["LoRAtorioMultiLoRALoader"].INPUT_TYPES()["optional"]["lora_1"][0]
 
 
 def test_lora_merge_equals_chained_lora_loaders(pack, sd15_loras, tiny_model_factory):
     base = tiny_model_factory("sd15")
     before = predict(base)
     stack = [(sd15_loras[0], 0.7, 0.7), (sd15_loras[1], 1.2, 1.2)]
-    (merged, clip) = pack.NODE_CLASS_MAPPINGS["LoRAMerge"]().merge(base, stack)
+    (merged, clip) = pack.NODE_CLASS_MAPPINGS["LoRAtorioMerge"]().merge(base, stack)
     assert clip is None
     chained = base
     for name, strength, _ in stack:
@@ -103,14 +103,14 @@ def test_lora_merge_equals_chained_lora_loaders(pack, sd15_loras, tiny_model_fac
 )
 def test_bad_lora_stacks_raise_clear_errors(pack, loras_folder, stack, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        pack.NODE_CLASS_MAPPINGS["MultiLoRALoader"]().collect(lora_stack=stack)
+        pack.NODE_CLASS_MAPPINGS["LoRAtorioMultiLoRALoader"]().collect(lora_stack=stack)
 
 
 def test_a_failing_node_module_does_not_take_the_pack_down(pack, caplog):
     collect = pack.nodes.collect_node_modules
     with caplog.at_level("ERROR"):
         classes, names, failures = collect(pack.nodes.__name__, ("loaders", "no_such_module", "merge"))
-    assert {"MultiLoRALoader", "LoRAMerge"} <= set(classes) and set(classes) == set(names)
+    assert {"LoRAtorioMultiLoRALoader", "LoRAtorioMerge"} <= set(classes) and set(classes) == set(names)
     assert list(failures) == ["no_such_module"] and "ModuleNotFoundError" in failures["no_such_module"]
     assert "no_such_module" in caplog.text
     assert pack.nodes.FAILED_MODULES == {}

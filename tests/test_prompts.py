@@ -31,7 +31,7 @@ def encode(clip, text: str):
 
 
 def test_each_adapter_gets_its_text_encoder_weights(pack, clip, te_lora, unet_only_lora, tiny_model_factory):
-    node = pack.NODE_CLASS_MAPPINGS["MultiLoRATextEncode"]()
+    node = pack.NODE_CLASS_MAPPINGS["LoRAtorioMultiLoRATextEncode"]()
     (per_adapter,) = node.encode(clip, "a red disk", [(te_lora, 1.0, 0.6), (unet_only_lora, 1.0, 1.0)])
     base = encode(clip, "a red disk")
     _, patched_clip = comfy_nodes.LoraLoader().load_lora(tiny_model_factory("sd15"), clip, te_lora, 0.0, 0.6)
@@ -45,7 +45,7 @@ def test_each_adapter_gets_its_text_encoder_weights(pack, clip, te_lora, unet_on
 def test_composite_with_adapter_prompts_equals_lora_loader_pipeline(engine, pack, clip, te_lora, tiny_model_factory):
     model = tiny_model_factory("sd15")
     stack = [(te_lora, 0.9, 0.7)]
-    encoder = pack.NODE_CLASS_MAPPINGS["MultiLoRATextEncode"]()
+    encoder = pack.NODE_CLASS_MAPPINGS["LoRAtorioMultiLoRATextEncode"]()
     (adapter_positive,) = encoder.encode(clip, "a red disk", stack)
     (adapter_negative,) = encoder.encode(clip, "blurry", stack)
     guider = make_guider(engine, "composite", model, stack)

@@ -3,7 +3,9 @@ clear errors, and the same server keeps serving the next job."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +21,7 @@ def assert_composed_image(server, entry) -> None:
     assert len(images) == 1 and images[0]["filename"].startswith("loratorio-test")
 
 
-@pytest.mark.parametrize("sampler_node", ["LoRAtorioSampler", "LoRACompositeSampler", "LoRASwitchSampler"])
+@pytest.mark.parametrize("sampler_node", ["LoRAtorioSampler", "LoRAtorioCompositeSampler", "LoRAtorioSwitchSampler"])
 def test_composition_through_the_http_api(server, demo_models, sampler_node):
     _, checkpoint, loras = demo_models
     entry = run_prompt(server, composition_prompt(checkpoint, [(loras[0], 1.0), (loras[1], 0.8)], sampler_node))
@@ -56,3 +58,27 @@ def test_bad_inputs_are_clear_errors_and_the_server_stays_up(server, demo_models
     assert server.process.poll() is None
     follow_up = run_prompt(server, composition_prompt(checkpoint, [(loras[2], 1.0), (loras[3], 1.0)]))
     assert_composed_image(server, follow_up)
+
+
+def test_a_workflow_saved_with_the_old_node_ids_still_runs(server, demo_models):
+    """``tests/data/legacy-loratorio-api.json`` is ``workflows/api/loratorio.json`` as shipped before the
+    ids were prefixed (``MultiLoRALoader``): hidden aliases keep such workflows running."""
+    prompt = json.loads((Path(__file__).parent / "data" / "legacy-loratorio-api.json").read_text())
+    assert prompt["5"]["class_type"] == "MultiLoRALoader"
+    prompt["4"]["inputs"].update(width=64, height=64)
+    prompt["6"]["inputs"]["steps"] = 2
+    entry = run_prompt(server, prompt)
+    assert execution_error(entry) is None, entry
+    assert entry["outputs"]["8"]["images"]
+    info = server.get_json("/object_info/MultiLoRALoader")["MultiLoRALoader"]
+    assert info["deprecated"] is True, "the old id is hidden from the node search"
+
+
+# ids other packs' nodes use (ComfyUI-Manager's node map, 2026-08-19), compared ignoring case
+IDS_OF_OTHER_PACKS = {"multiloraloader", "loramerge"}
+
+
+def test_every_node_id_is_prefixed_and_unique(pack):
+    current = [name for name, cls in pack.NODE_CLASS_MAPPINGS.items() if not getattr(cls, "DEPRECATED", False)]
+    assert len(current) == 10 and all(name.startswith("LoRAtorio") for name in current), current
+    assert not {name.lower() for name in current} & IDS_OF_OTHER_PACKS

@@ -213,7 +213,7 @@ def apply_overrides(prompt: dict, overrides: Overrides) -> dict:
         title = node.get("_meta", {}).get("title")
         if overrides.checkpoint and "ckpt_name" in inputs:
             inputs["ckpt_name"] = overrides.checkpoint
-        if overrides.loras is not None and kind == "MultiLoRALoader":
+        if overrides.loras is not None and kind == "LoRAtorioMultiLoRALoader":
             for key in [k for k in inputs if k.startswith(("lora_", "strength_", "enabled_")) and k != "lora_stack"]:
                 del inputs[key]
             for slot, (name, strength) in enumerate(overrides.loras, start=1):

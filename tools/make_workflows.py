@@ -64,7 +64,7 @@ def base_graph(clip_source: list) -> dict:
 
 def composition(sampler: str, loras: list[tuple[str, float]], method: dict, weight_maps: bool) -> dict:
     graph = base_graph(["1", 1])
-    graph["5"] = {"class_type": "MultiLoRALoader", "inputs": loader_inputs(loras)}
+    graph["5"] = {"class_type": "LoRAtorioMultiLoRALoader", "inputs": loader_inputs(loras)}
     sampler_inputs = {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "lora_stack": ["5", 0], **KSAMPLER}
     graph["6"] = {"class_type": sampler, "inputs": {**sampler_inputs, "latent_image": ["4", 0], **method}}
     graph["7"] = {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}}
@@ -76,8 +76,8 @@ def composition(sampler: str, loras: list[tuple[str, float]], method: dict, weig
 
 def merge_baseline(loras: list[tuple[str, float]]) -> dict:
     graph = base_graph(["10", 1])
-    graph["5"] = {"class_type": "MultiLoRALoader", "inputs": loader_inputs(loras)}
-    graph["10"] = {"class_type": "LoRAMerge", "inputs": {"model": ["1", 0], "lora_stack": ["5", 0], "clip": ["1", 1]}}
+    graph["5"] = {"class_type": "LoRAtorioMultiLoRALoader", "inputs": loader_inputs(loras)}
+    graph["10"] = {"class_type": "LoRAtorioMerge", "inputs": {"model": ["1", 0], "lora_stack": ["5", 0], "clip": ["1", 1]}}
     ksampler = {"model": ["10", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], **KSAMPLER}
     graph["6"] = {"class_type": "KSampler", "inputs": ksampler}
     graph["7"] = {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}}
@@ -88,8 +88,8 @@ def merge_baseline(loras: list[tuple[str, float]]) -> dict:
 WORKFLOWS = {
     "loratorio": composition("LoRAtorioSampler", LORAS[:3], LORATORIO, weight_maps=True),
     "loratorio-dynamic-pool": composition("LoRAtorioSampler", LORAS, {**LORATORIO, "top_k": 2}, weight_maps=True),
-    "lora-switch": composition("LoRASwitchSampler", LORAS[:3], {"tau": 5}, weight_maps=False),
-    "lora-composite": composition("LoRACompositeSampler", LORAS[:3], {}, weight_maps=False),
+    "lora-switch": composition("LoRAtorioSwitchSampler", LORAS[:3], {"tau": 5}, weight_maps=False),
+    "lora-composite": composition("LoRAtorioCompositeSampler", LORAS[:3], {}, weight_maps=False),
     "lora-merge-baseline": merge_baseline(LORAS[:3]),
 }
 

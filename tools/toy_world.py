@@ -87,16 +87,18 @@ def graph(method: str, concepts: list[str], seed: int, scale: int = 1) -> dict:
         "2": {"class_type": "ToyWorldPrompt", "inputs": {"text": prompt, "base": BASE_FILE}, "_meta": {"title": POSITIVE_TITLE}},
         "3": {"class_type": "ToyWorldPrompt", "inputs": {"text": "", "base": BASE_FILE}, "_meta": {"title": NEGATIVE_TITLE}},
         "4": {"class_type": "EmptyToyLatent", "inputs": {"batch_size": 1}},
-        "5": {"class_type": "MultiLoRALoader", "inputs": loader_inputs(loras)},
+        "5": {"class_type": "LoRAtorioMultiLoRALoader", "inputs": loader_inputs(loras)},
         "7": {"class_type": "ToyLatentToImage", "inputs": {"samples": ["6", 0], "scale": scale}},
         IMAGE_NODE: {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": f"toy-{method}"}},
     }
     sampling = {"positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": seed, "cfg": cfg, **SAMPLING}
     if method == "lora-merge-baseline":
-        nodes["10"] = {"class_type": "LoRAMerge", "inputs": {"model": ["1", 0], "lora_stack": ["5", 0]}}
+        nodes["10"] = {"class_type": "LoRAtorioMerge", "inputs": {"model": ["1", 0], "lora_stack": ["5", 0]}}
         nodes["6"] = {"class_type": "KSampler", "inputs": {"model": ["10", 0], **sampling}}
         return nodes
-    sampler = {"lora-switch": "LoRASwitchSampler", "lora-composite": "LoRACompositeSampler"}.get(method, "LoRAtorioSampler")
+    sampler = {"lora-switch": "LoRAtorioSwitchSampler", "lora-composite": "LoRAtorioCompositeSampler"}.get(
+        method, "LoRAtorioSampler"
+    )
     nodes["6"] = {"class_type": sampler, "inputs": {"model": ["1", 0], "lora_stack": ["5", 0], **sampling, **params}}
     if sampler == "LoRAtorioSampler":
         # the dynamic pool keeps, per step, the adapters that depart most from the base model

@@ -49,7 +49,7 @@ class GraphEditor:
             urllib.request.urlopen(request, timeout=30).close()
         self.page.goto(self.url + "/")
         self.page.wait_for_function(APP_READY, timeout=90_000)
-        self.page.wait_for_function("() => LiteGraph.registered_node_types['MultiLoRALoader'] !== undefined")
+        self.page.wait_for_function("() => LiteGraph.registered_node_types['LoRAtorioMultiLoRALoader'] !== undefined")
         self.page.evaluate(CLOSE_NEWS_BANNER)
         self.clear()
 

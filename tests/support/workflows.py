@@ -17,15 +17,15 @@ def composition_prompt(
         loader_rows.update({f"lora_{slot}": name, f"strength_{slot}": strength, f"enabled_{slot}": True})
     method_defaults = {
         "LoRAtorioSampler": {"patch_size": 2, "temperature": 0.05, "recentre_lambda": 0.5, "top_k": 0, "top_k_mode": "image"},
-        "LoRASwitchSampler": {"tau": 1},
-        "LoRACompositeSampler": {},
+        "LoRAtorioSwitchSampler": {"tau": 1},
+        "LoRAtorioCompositeSampler": {},
     }[sampler_node]
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a character in a garden, watercolour"}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "5": {"class_type": "MultiLoRALoader", "inputs": loader_rows},
+        "5": {"class_type": "LoRAtorioMultiLoRALoader", "inputs": loader_rows},
         "6": {
             "class_type": sampler_node,
             "inputs": {

@@ -124,7 +124,7 @@ class ToyRun:
             merged = self.model
             if method != "base":
                 strength = settings.get("strength", 1.0)
-                (merged, _) = nodes_by_name["LoRAMerge"]().merge(self.model, self.stack(concepts, strength))
+                (merged, _) = nodes_by_name["LoRAtorioMerge"]().merge(self.model, self.stack(concepts, strength))
             (out,) = comfy_nodes.common_ksampler(
                 merged,
                 seed,
@@ -138,7 +138,9 @@ class ToyRun:
             )
         else:
             node = nodes_by_name[
-                {"switch": "LoRASwitchSampler", "composite": "LoRACompositeSampler", "loratorio": "LoRAtorioSampler"}[method]
+                {"switch": "LoRAtorioSwitchSampler", "composite": "LoRAtorioCompositeSampler", "loratorio": "LoRAtorioSampler"}[
+                    method
+                ]
             ]
             extra = {"top_k": 0, "top_k_mode": "image", **settings} if method == "loratorio" else dict(settings)
             result = node().sample(

@@ -7,7 +7,8 @@
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
-const NODE_TYPE = "MultiLoRALoader";
+// the node id, and the id workflows saved before the pack prefixed its ids still carry (a hidden alias)
+const NODE_TYPES = new Set(["LoRAtorioMultiLoRALoader", "MultiLoRALoader"]);
 const NO_LORA = "None";
 const ROW_FIELDS = ["lora", "strength", "enabled"];
 const ROWS_PROPERTY = "loratorio_rows";
@@ -191,7 +192,7 @@ function rowDefaultsFromDefinition(nodeData) {
 app.registerExtension({
   name: "loratorio.MultiLoRALoader",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== NODE_TYPE) return;
+    if (!NODE_TYPES.has(nodeData.name)) return;
     nodeType.loratorioRowDefaults = rowDefaultsFromDefinition(nodeData);
 
     const onNodeCreated = nodeType.prototype.onNodeCreated;
