@@ -100,9 +100,10 @@ def _cast(tensor: torch.Tensor | None, device: torch.device, dtype: torch.dtype)
 
 
 class RowLayers:
-    """The deltas of one sampling run, by module name, with copies cast per (device, dtype).
+    """The deltas of one set of adapters, by module name, with copies cast per (device, dtype) on
+    first use (kept as long as the set is: see ``AdapterSet.row_layers``).
 
-    Registered for the run (:func:`row_layers_registered`) so that the per-call wrapper finds them
+    Registered for each run (:func:`row_layers_registered`) so that the per-call wrapper finds them
     by an id in ``transformer_options``: model options are copied (and by some nodes deep-copied)
     between calls, so they carry the id, never the tensors.
     """
