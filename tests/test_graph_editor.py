@@ -127,6 +127,14 @@ def test_each_workflow_opens_from_the_templates_dialog_without_missing_nodes(edi
     editor.screenshot(f"template-{name}")
 
 
+def finished_entry(server, prompt_id: str, timeout: float = 300) -> dict:
+    """The history entry of a queued prompt once the server has run it (KeyError if it never does)."""
+    deadline = time.monotonic() + timeout
+    while prompt_id not in (history := server.get_json(f"/history/{prompt_id}")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return history[prompt_id]
+
+
 def scalar(value: object) -> bool:
     return isinstance(value, (str, int, float, bool))
 
@@ -196,10 +204,7 @@ def test_queueing_the_loratorio_workflow_gives_an_image_and_the_weight_map_on_th
     assert sorted(loader_inputs) == sorted(f"{field}_{row}" for field in ("lora", "strength", "enabled") for row in (1, 2, 3))
     assert all(scalar(value) for value in loader_inputs.values())
 
-    deadline = time.monotonic() + 300
-    while prompt_id not in (history := server.get_json(f"/history/{prompt_id}")) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    entry = history[prompt_id]
+    entry = finished_entry(server, prompt_id)
     assert execution_error(entry) is None
     saved = [image for output in entry["outputs"].values() for image in output.get("images", []) if image["type"] == "output"]
     output_dir = server.log_path.parent / "output"
@@ -251,10 +256,7 @@ def test_nodes_2_rows_grow_and_shrink_the_payload_stays_scalar_and_the_weight_ma
     editor.set_widget(latent, "width", 64)
     editor.set_widget(latent, "height", 64)
     prompt_id = editor.run()
-    deadline = time.monotonic() + 300
-    while prompt_id not in (history := server.get_json(f"/history/{prompt_id}")) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert execution_error(history[prompt_id]) is None
+    assert execution_error(finished_entry(server, prompt_id)) is None
     weight_map = editor.page.locator(f'[data-node-id="{sampler}"] img[src*="loratorio-weightmaps"]').first
     weight_map.wait_for(timeout=30_000)
     editor.screenshot("nodes-2-loratorio-workflow-after-run")
@@ -276,10 +278,7 @@ def test_run_on_the_toy_loratorio_template_draws_the_asked_concepts(toy_editor, 
     editor.open_template("toy-loratorio", section="loratorio_toy_world")
     sampler = editor.node_id("LoRAtorioSampler")
     prompt_id = editor.run()
-    deadline = time.monotonic() + 300
-    while prompt_id not in (history := toy_server.get_json(f"/history/{prompt_id}")) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    entry = history[prompt_id]
+    entry = finished_entry(toy_server, prompt_id)
     assert execution_error(entry) is None
     saved = [image for output in entry["outputs"].values() for image in output.get("images", []) if image["type"] == "output"]
     output_dir = toy_server.log_path.parent / "output"
