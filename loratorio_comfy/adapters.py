@@ -67,10 +67,10 @@ class LowRankFactor:
 
 @dataclass(frozen=True)
 class WeightPatch:
-    """One ComfyUI patch of a parameter (``weight`` or ``bias``) of a diffusion-model module,
-    applied per row as the exact delta ComfyUI's merge would make (:func:`dense_delta`)."""
+    """One ComfyUI patch of a parameter (``weight`` or ``bias``) of a diffusion-model module (its
+    name is the key it is filed under in ``ParsedLoRA.dense_patches``), applied per row as the
+    exact delta ComfyUI's merge would make (:func:`dense_delta`)."""
 
-    module: str
     parameter: str  # "weight" or "bias"
     adapter: object  # a comfy.weight_adapter adapter, or a raw ("diff", ...) patch
     offset: tuple[int, int, int] | None
@@ -175,8 +175,8 @@ def read_safetensors(path: str, display_name: str) -> dict[str, torch.Tensor]:
 
 
 def _as_factor(adapter: object, target_shape: torch.Size, offset: tuple[int, int, int] | None) -> LowRankFactor | None:
-    """The low-rank per-row form of a ComfyUI adapter, or None when it needs the dense form
-    (which also leaves shape mismatches to ComfyUI's merge math, which logs and skips them)."""
+    """The low-rank per-row form of a ComfyUI adapter, or None when it needs the dense form.
+    Called after :func:`lora_shape_mismatch` has set aside layers whose widths do not fit."""
     if not isinstance(adapter, comfy.weight_adapter.LoRAAdapter):
         return None
     up, down, alpha, mid, dora_scale, reshape = adapter.weights
@@ -188,7 +188,7 @@ def _as_factor(adapter: object, target_shape: torch.Size, offset: tuple[int, int
     out_features = target_shape[0] if offset is None else offset[2]
     if up.shape[0] != out_features or down.ndim not in (2, 4) or up.flatten(1).shape[1] != rank:
         return None
-    if len(target_shape) not in (2, 4) or down.shape[1] != target_shape[1]:
+    if len(target_shape) not in (2, 4):  # Conv1d/Conv3d layers take the dense form
         return None
     if down.ndim == 4 and (len(target_shape) != 4 or down.shape[2:] != target_shape[2:]):
         return None
@@ -290,7 +290,7 @@ def parse_lora(state: dict[str, torch.Tensor], model, display_name: str) -> Pars
         if factor is not None:
             parsed.factors.setdefault(module, []).append(factor)
         else:
-            parsed.dense_patches.setdefault(module, []).append(WeightPatch(module, parameter, adapter, offset, function))
+            parsed.dense_patches.setdefault(module, []).append(WeightPatch(parameter, adapter, offset, function))
     family = model_family_name(model)
     if not patches or len(mismatched) == len(patches):
         sample = ", ".join(sorted(state)[:3])

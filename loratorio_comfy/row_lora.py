@@ -283,11 +283,12 @@ def apply_model_with_rows(executor, x, t, c_concat=None, c_crossattn=None, contr
         raise RuntimeError("comfyui-loratorio: a model call arrived after its sampling run ended")
     base_index = row_map["base_index"]
     rows = rows_for_forward(row_map["rows"], options["cond_or_uncond"], x.shape[0], base_index)
+    semantic_options = with_semantic_chunks(options, row_map)
     if bool((rows == base_index).all()):
-        return executor(x, t, c_concat, c_crossattn, control, with_semantic_chunks(options, row_map), **kwargs)
+        return executor(x, t, c_concat, c_crossattn, control, semantic_options, **kwargs)
     plan = row_plan(rows, base_index, x.device, row_map["dense_adapters"])
     with eager_diffusion_model(executor.class_obj) as diffusion_model, row_loras_installed(diffusion_model, layers, plan):
-        return executor(x, t, c_concat, c_crossattn, control, with_semantic_chunks(options, row_map), **kwargs)
+        return executor(x, t, c_concat, c_crossattn, control, semantic_options, **kwargs)
 
 
 @contextlib.contextmanager

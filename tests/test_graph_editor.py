@@ -135,6 +135,17 @@ def finished_entry(server, prompt_id: str, timeout: float = 300) -> dict:
     return history[prompt_id]
 
 
+def run_small_loratorio_template(editor) -> tuple[int, str]:
+    """Open the LoRAtorio template, shrink it to 2 steps at 64x64, click Run: (sampler node id, prompt id)."""
+    editor.open_template("loratorio")
+    sampler = editor.node_id("LoRAtorioSampler")
+    latent = editor.node_id("EmptyLatentImage")
+    editor.set_widget(sampler, "steps", 2)
+    editor.set_widget(latent, "width", 64)
+    editor.set_widget(latent, "height", 64)
+    return sampler, editor.run()
+
+
 def scalar(value: object) -> bool:
     return isinstance(value, (str, int, float, bool))
 
@@ -192,13 +203,7 @@ def test_adding_and_removing_lora_rows_changes_the_queued_payload(editor):
 
 
 def test_queueing_the_loratorio_workflow_gives_an_image_and_the_weight_map_on_the_node(editor, server):
-    editor.open_template("loratorio")
-    sampler = editor.node_id("LoRAtorioSampler")
-    latent = editor.node_id("EmptyLatentImage")
-    editor.set_widget(sampler, "steps", 2)
-    editor.set_widget(latent, "width", 64)
-    editor.set_widget(latent, "height", 64)
-    prompt_id = editor.run()
+    sampler, prompt_id = run_small_loratorio_template(editor)
 
     loader_inputs = editor.queued_prompt[str(editor.node_id("LoRAtorioMultiLoRALoader"))]["inputs"]
     assert sorted(loader_inputs) == sorted(f"{field}_{row}" for field in ("lora", "strength", "enabled") for row in (1, 2, 3))
@@ -249,13 +254,7 @@ def test_nodes_2_rows_grow_and_shrink_the_payload_stays_scalar_and_the_weight_ma
     assert rows() == {"lora_1": CHARACTER, "strength_1": 1.0, "enabled_1": True}
     editor.widget_element(loader, "lora_2").wait_for(state="hidden")
 
-    editor.open_template("loratorio")
-    sampler = editor.node_id("LoRAtorioSampler")
-    latent = editor.node_id("EmptyLatentImage")
-    editor.set_widget(sampler, "steps", 2)
-    editor.set_widget(latent, "width", 64)
-    editor.set_widget(latent, "height", 64)
-    prompt_id = editor.run()
+    sampler, prompt_id = run_small_loratorio_template(editor)
     assert execution_error(finished_entry(server, prompt_id)) is None
     weight_map = editor.page.locator(f'[data-node-id="{sampler}"] img[src*="loratorio-weightmaps"]').first
     weight_map.wait_for(timeout=30_000)

@@ -32,6 +32,14 @@ def ksampler(patcher) -> torch.Tensor:
     return out["samples"]
 
 
+def assert_same_image_as_lora_loader(engine, sd15, guider, name: str, strength: float) -> None:
+    """``guider`` samples what ComfyUI's LoraLoader + KSampler give for that file at that strength."""
+    (merged,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(sd15, name, strength)
+    expected = ksampler(merged)
+    got = run_sampler(engine, guider)["samples"]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
 def rewrite(folder, source: str, name: str, change) -> str:
     state = safetensors.torch.load_file(str(folder / source))
     change(state)
@@ -52,10 +60,7 @@ def test_layers_of_another_sd_family_are_skipped_like_lora_loader_does(engine, s
         guider = make_guider(engine, "composite", sd15, [(name, 0.8, 0.8)])
     assert "LoRA 'sdxl-like.safetensors' does not fit" in caplog.text and "looks made for SDXL" in caplog.text
     assert "attn2.to_k" in caplog.text or "attn2.to_v" in caplog.text
-    (merged,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(sd15, name, 0.8)
-    expected = ksampler(merged)
-    got = run_sampler(engine, guider)["samples"]
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    assert_same_image_as_lora_loader(engine, sd15, guider, name, 0.8)
 
 
 def test_a_file_none_of_whose_layers_fit_is_refused_before_sampling(engine, sd15, loras_folder):
@@ -90,10 +95,7 @@ def test_wrong_output_size_on_one_layer_is_skipped_with_a_warning(engine, sd15, 
     with caplog.at_level(logging.WARNING):
         guider = make_guider(engine, "switch", sd15, [(name, 1.0, 1.0)])
     assert "does not fit 1 of its" in caplog.text and "outputs" in caplog.text
-    (merged,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(sd15, name, 1.0)
-    expected = ksampler(merged)
-    got = run_sampler(engine, guider)["samples"]
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    assert_same_image_as_lora_loader(engine, sd15, guider, name, 1.0)
 
 
 def test_text_encoder_only_file_points_to_multi_lora_text_encode(engine, sd15, loras_folder):
