@@ -12,7 +12,7 @@ import folder_paths
 import torch
 
 from .adapters import DIFFUSION_PREFIX, LORA_FILES, LoRAInputError, ParsedLoRA, check_strength, dense_delta, parse_lora
-from .row_lora import DenseDelta, LayerDeltas, RowLayers, stack_layer
+from .row_lora import DenseDelta, LayerDeltas, LowRankGroup, RowLayers, group_low_rank
 
 LOG = logging.getLogger("comfyui-loratorio")
 
@@ -97,7 +97,7 @@ class AdapterSet:
 
     @functools.cached_property
     def dense_adapters(self) -> set[int]:
-        """The indices of adapters with dense deltas, whose rows each forward must list."""
+        """The indices of adapters with dense deltas (built against the patcher's own weights)."""
         return {index for index, adapter in enumerate(self.adapters) if adapter.parsed.dense_patches}
 
     @property
@@ -120,16 +120,16 @@ class AdapterSet:
         for module_name in modules:
             module = diffusion_model.get_submodule(module_name)
             layer = LayerDeltas(self._low_rank(module_name, module), self._dense(module_name, key_patches))
-            if layer.low_rank is not None or layer.dense:
+            if layer.low_rank or layer.dense:
                 layers[module_name] = layer
         return RowLayers(layers)
 
-    def _low_rank(self, module_name: str, module: torch.nn.Module):
+    def _low_rank(self, module_name: str, module: torch.nn.Module) -> tuple[LowRankGroup, ...]:
         per_adapter = [[(f, a.strength) for f in a.parsed.factors.get(module_name, [])] for a in self.adapters]
         if not any(per_adapter):
-            return None
+            return ()
         conv_kernel = tuple(module.weight.shape[2:]) if isinstance(module, torch.nn.Conv2d) else None
-        return stack_layer(per_adapter, module.weight.shape[0], conv_kernel)
+        return group_low_rank(per_adapter, module.weight.shape[0], conv_kernel)
 
     def _dense(self, module_name: str, key_patches: dict[str, list]) -> dict[int, DenseDelta]:
         """Dense deltas against the weights this patcher samples with: its original weights (not

@@ -198,6 +198,30 @@ def _as_factor(adapter: object, target_shape: torch.Size, offset: tuple[int, int
     )
 
 
+def _loha_as_factor(adapter: object, target_shape: torch.Size, offset: tuple[int, int, int] | None) -> LowRankFactor | None:
+    """A LoHa's low-rank form when it is smaller than the weight, else None (the dense form).
+
+    LoHa's ``dW = (A1 @ B1) * (A2 @ B2)`` (element-wise; ``A [out, r]``, ``B [r, in]``) is the
+    rank ``r1 * r2`` product ``up @ down`` with ``up[:, i*r2 + j] = A1[:, i] * A2[:, j]`` and
+    ``down[i*r2 + j] = B1[i] * B2[j]`` (a Khatri-Rao product), since
+    ``sum_ij A1[o,i] A2[o,j] B1[i,k] B2[j,k] = (A1 @ B1)[o,k] * (A2 @ B2)[o,k]``."""
+    if not isinstance(adapter, comfy.weight_adapter.LoHaAdapter) or offset is not None or len(target_shape) not in (2, 4):
+        return None
+    w1a, w1b, alpha, w2a, w2b, t1, _, dora_scale = adapter.weights[:8]
+    if t1 is not None or dora_scale is not None or w1b.ndim != 2 or w2b.ndim != 2:
+        return None
+    out_features, in_flat = target_shape[0], math.prod(target_shape[1:])
+    rank = w1b.shape[0] * w2b.shape[0]
+    if (w1a.shape[0], w2a.shape[0], w1b.shape[1], w2b.shape[1]) != (out_features, out_features, in_flat, in_flat):
+        return None
+    if rank * (in_flat + out_features) >= in_flat * out_features:
+        return None
+    up = (w1a.float()[:, :, None] * w2a.float()[:, None, :]).reshape(out_features, rank)
+    down = (w1b.float()[:, None, :] * w2b.float()[None, :, :]).reshape(rank, *target_shape[1:])
+    scale = float(alpha) / w1b.shape[0] if alpha is not None else 1.0
+    return LowRankFactor(down=down, up=up, scale=scale)
+
+
 def split_target(target: object) -> tuple[str, tuple[int, int, int] | None, object | None]:
     """``(key, offset, function)`` of a ``load_lora`` target: a key, ``(key, offset)`` or
     ``(key, offset, function)`` (the form ``ModelPatcher.add_patches`` reads)."""
@@ -286,7 +310,7 @@ def parse_lora(state: dict[str, torch.Tensor], model, display_name: str) -> Pars
             continue
         factor = None
         if parameter == "weight" and function is None:
-            factor = _as_factor(adapter, weight.shape, offset)
+            factor = _as_factor(adapter, weight.shape, offset) or _loha_as_factor(adapter, weight.shape, offset)
         if factor is not None:
             parsed.factors.setdefault(module, []).append(factor)
         else:

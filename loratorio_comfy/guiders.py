@@ -32,13 +32,19 @@ def adapter_cond_name(name: str, adapter: int) -> str:
     return f"{name}@{adapter}"
 
 
-def reserve_memory_for_rows(rows_per_step: int, executor, model, noise_shape, conds, *args, **kwargs):
-    """``PREPARE_SAMPLING`` wrapper: ComfyUI reserves memory for 2 rows; reserve it for the real count.
+def reserve_memory_for_rows(rows_per_step: int, adapters: AdapterSet, executor, model, noise_shape, conds, *args, **kwargs):
+    """``PREPARE_SAMPLING`` wrapper: ComfyUI reserves memory for 2 rows of activations; reserve it
+    for the real row count, plus the adapters' deltas (counted as the rows they would weigh), so
+    the memory manager offloads enough before they are cast onto the device.
 
     Everything after ``conds`` is passed on untouched: ComfyUI adds keywords here over time
     (``force_full_load`` since 0.6.0, ``force_offload`` later)."""
-    scaled = [max(1, math.ceil(noise_shape[0] * rows_per_step / 2)), *noise_shape[1:]]
-    return executor(model, scaled, conds, *args, **kwargs)
+    base_model = model.model
+    compute_dtype = getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
+    delta_bytes = adapters.row_layers.numel() * torch.empty((), dtype=compute_dtype).element_size()
+    row_bytes = max(1.0, base_model.memory_required([1, *noise_shape[1:]]))
+    rows = noise_shape[0] * rows_per_step + math.ceil(delta_bytes / row_bytes)
+    return executor(model, [max(1, math.ceil(rows / 2)), *noise_shape[1:]], conds, *args, **kwargs)
 
 
 class AdapterRowsGuider(comfy.samplers.CFGGuider):
@@ -52,7 +58,7 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
         comfy.patcher_extension.add_wrapper_with_key(
             comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING,
             WRAPPER_KEY,
-            functools.partial(reserve_memory_for_rows, self.rows_per_step()),
+            functools.partial(reserve_memory_for_rows, self.rows_per_step(), adapters),
             self.model_options,
             is_model_options=True,
         )
@@ -126,8 +132,6 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
             "run": self._run_id,
             "rows": tuple(adapter for _, adapter in rows),
             "kinds": tuple(COND if name == POSITIVE else UNCOND for name, _ in rows),
-            "base_index": len(self.adapters),
-            "dense_adapters": self.adapters.dense_adapters,
         }
         options["transformer_options"] = transformer_options
         conds = [self.conds[name if adapter == BASE_ROW else adapter_cond_name(name, adapter)] for name, adapter in rows]
@@ -145,13 +149,19 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
             self.inner_model, out[0], out[1], self.cfg, x, timestep, model_options=model_options, cond=conds[0], uncond=conds[1]
         )
 
-    @staticmethod
-    def step_of(timestep: torch.Tensor, model_options: dict) -> int:
-        """The sampling step an evaluation belongs to, from the sampler's sigmas (see ``lc.step_index``)."""
-        sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
-        if sample_sigmas is None:
+    def sample_sigmas(self, model_options: dict) -> torch.Tensor:
+        """The sampler's sigmas as a CPU copy, made once per run (not a device read per step)."""
+        sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+        if sigmas is None:
             raise RuntimeError("the sampler's sigmas are missing from transformer_options['sample_sigmas']")
-        return lc.step_index(timestep, sample_sigmas)
+        if getattr(self, "_sigmas_of", None) is not sigmas:
+            self._sigmas_of, self._sigmas_cpu = sigmas, torch.as_tensor(sigmas).detach().cpu()
+        return self._sigmas_cpu
+
+    def step_of(self, timestep: torch.Tensor, model_options: dict) -> int:
+        """The sampling step an evaluation belongs to (see ``lc.step_index``). Reading ``timestep``
+        waits for the device: only the methods whose rows depend on the step call this per step."""
+        return lc.step_index(timestep, self.sample_sigmas(model_options))
 
 
 class LoRAtorioGuider(AdapterRowsGuider):
@@ -163,8 +173,16 @@ class LoRAtorioGuider(AdapterRowsGuider):
         self.weight_history = lc.WeightMapHistory()
 
     def sample(self, *args, **kwargs):
+        """Weight maps stay on the device while sampling runs and are filed by step at the end,
+        so recording them costs no device read per step."""
         self.weight_history.clear()
-        return super().sample(*args, **kwargs)
+        self._unfiled_maps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        try:
+            return super().sample(*args, **kwargs)
+        finally:
+            for timestep, weights, sigmas in self._unfiled_maps:
+                self.weight_history.record(weights, step=lc.step_index(timestep, sigmas))
+            self._unfiled_maps.clear()
 
     def rows_per_step(self) -> int:
         return len(self.row_plan(self.uses_uncond))
@@ -187,7 +205,8 @@ class LoRAtorioGuider(AdapterRowsGuider):
         base_cond, adapter_conds = out[0], torch.stack(out[1 : 1 + n])
         # the routing signal lives in noise space; x and sigma are shared, so (x - D) has the same cosines
         weights = lc.routing_weights(x.unsqueeze(0) - adapter_conds, x - base_cond, self.params)
-        self.weight_history.record(weights, step=self.step_of(timestep, model_options))
+        kept = weights[:, : self.weight_history.sample + 1].detach()  # the sample the history keeps
+        self._unfiled_maps.append((timestep.detach(), kept, self.sample_sigmas(model_options)))
         cond = lc.weighted_sum(weights, adapter_conds)
         uncond = None
         if with_uncond:

@@ -6,19 +6,22 @@ Because ``f`` is linear in its parameters this equals running the row through th
 
 Two forms of ``dW``:
 
-* low-rank (LoRA, LoCon): ``dW_a = up_a @ down_a`` (``strength * alpha / rank`` folded into
-  ``up_a``). All adapters of a layer are stacked as ``down [N + 1, R, in]`` and ``up [N + 1, out, R]``
-  (ranks zero-padded to the largest ``R``, fused-output slices zero-padded to the full output,
-  index ``N`` all zeros for base rows), so one gathered batched matmul per layer serves every row.
-* dense (LoHa, LoKr, OFT/BOFT, DoRA, GLoRA, Tucker, full diffs): ``dW_a = merge_a(W0) - W0`` from
-  ComfyUI's own merge math, built once per run (:func:`.adapters.dense_delta`).
+* low-rank (LoRA, LoCon, and LoHa where its Khatri-Rao form is smaller than the weight):
+  ``dW_a = up_a @ down_a`` (``strength * alpha / rank`` folded into ``up_a``). Adapters whose
+  factors on a layer have the same rank and the same output slice (a fused q/k/v slice, or the
+  whole output) are stacked into one :class:`LowRankGroup`, ``down [n, R, in]`` and
+  ``up [n, size, R]``, so a gathered batched matmul per run of rows serves them all; each adapter
+  keeps its own rank, a slice only touches its own output channels, and base rows cost nothing.
+* dense (LoKr, OFT/BOFT, DoRA, GLoRA, Tucker, full diffs): ``dW_a = merge_a(W0) - W0`` from
+  ComfyUI's own merge math, built once per set of LoRAs (:func:`.adapters.dense_delta`).
 
 The deltas are applied by forward hooks that live for ONE model call: the ``APPLY_MODEL`` wrapper
 (:func:`apply_model_with_rows`) installs them on the diffusion model that call runs (the main
 model or a multi-GPU clone) with that call's row plan, and removes them when it returns. Which
 adapter each row belongs to comes from the ``cond_or_uncond`` list ComfyUI's ``calc_cond_batch``
 puts in ``transformer_options``, mapped through the row map the guider sets (list index ->
-adapter index, -1 = base).
+adapter index, -1 = base). Plans and their device tensors are cached per set of LoRAs, so a step
+makes no host-to-device copy once the first step has run.
 """
 
 from __future__ import annotations
@@ -40,14 +43,25 @@ LOG = logging.getLogger("comfyui-loratorio")
 ROW_MAP_KEY = "loratorio_row_map"
 BASE_ROW = -1
 COND, UNCOND = 0, 1  # what ComfyUI's own cond_or_uncond values mean, and what patches expect
+MAX_CACHED_PLANS = 16
 
 
 @dataclass(frozen=True)
-class StackedLayer:
-    """Every adapter's low-rank delta for one layer, ready to gather per row."""
+class LowRankGroup:
+    """The low-rank deltas of ``adapters`` on one layer that share a rank and an output slice.
 
-    down: torch.Tensor  # [N + 1, R, in] or [N + 1, R, in, kh, kw]
-    up: torch.Tensor  # [N + 1, out, R]
+    ``down [n, R, in]`` (or ``[n, R, in, kh, kw]``) and ``up [n, size, R]`` hold adapter
+    ``adapters[j]`` at index ``j``; the delta lands on output channels ``start:start + size``.
+    """
+
+    adapters: tuple[int, ...]
+    down: torch.Tensor
+    up: torch.Tensor
+    start: int
+    size: int
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> LowRankGroup:
+        return LowRankGroup(self.adapters, self.down.to(device, dtype), self.up.to(device, dtype), self.start, self.size)
 
 
 @dataclass(frozen=True)
@@ -60,48 +74,114 @@ class DenseDelta:
 
 @dataclass(frozen=True)
 class LayerDeltas:
-    """What one layer adds per row: stacked low-rank factors and/or dense deltas by adapter index."""
+    """What one layer adds per row: groups of stacked low-rank factors and dense deltas by adapter index."""
 
-    low_rank: StackedLayer | None = None
+    low_rank: tuple[LowRankGroup, ...] = ()
     dense: dict[int, DenseDelta] = field(default_factory=dict)
 
+    def to(self, device: torch.device, dtype: torch.dtype) -> LayerDeltas:
+        dense = {a: DenseDelta(_cast(d.weight, device, dtype), _cast(d.bias, device, dtype)) for a, d in self.dense.items()}
+        return LayerDeltas(tuple(group.to(device, dtype) for group in self.low_rank), dense)
 
-def stack_layer(
+    def numel(self) -> int:
+        """How many numbers the deltas hold (their memory is this times the compute dtype's size)."""
+        tensors = [t for g in self.low_rank for t in (g.down, g.up)]
+        tensors += [t for d in self.dense.values() for t in (d.weight, d.bias) if t is not None]
+        return sum(t.numel() for t in tensors)
+
+
+def group_low_rank(
     per_adapter: Sequence[Sequence[tuple[LowRankFactor, float]]], out_features: int, conv_kernel: tuple[int, ...] | None
-) -> StackedLayer:
-    """Stack ``[(factor, strength), ...]`` per adapter (empty for adapters that skip the layer)."""
-    downs, ups = [], []
-    for factors in per_adapter:
-        adapter_downs, adapter_ups = [], []
+) -> tuple[LowRankGroup, ...]:
+    """Group ``[(factor, strength), ...]`` per adapter (empty for adapters that skip the layer).
+
+    An adapter's factors on the same output slice are joined along the rank (``up1 @ down1 +
+    up2 @ down2 = [up1 up2] @ [down1; down2]``); adapters are then stacked with the others of the
+    same rank and slice."""
+    pieces: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    for adapter, factors in enumerate(per_adapter):
+        by_slice: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for factor, strength in factors:
             down = factor.down
             if conv_kernel is not None and down.ndim == 2:
                 down = down.reshape(*down.shape, 1, 1)  # a linear LoRA on a 1x1 conv
-            up = torch.zeros(out_features, factor.rank)
-            start, size = factor.rows if factor.rows is not None else (0, out_features)
-            up[start : start + size] = factor.up * (factor.scale * strength)
-            adapter_downs.append(down)
-            adapter_ups.append(up)
-        downs.append(torch.cat(adapter_downs) if adapter_downs else None)
-        ups.append(torch.cat(adapter_ups, dim=1) if adapter_ups else None)
-    rank = max((d.shape[0] for d in downs if d is not None), default=0)
-    in_shape = next(d.shape[1:] for d in downs if d is not None)
-    down_stack = torch.zeros(len(per_adapter) + 1, rank, *in_shape)
-    up_stack = torch.zeros(len(per_adapter) + 1, out_features, rank)
-    for index, (down, up) in enumerate(zip(downs, ups, strict=True)):
-        if down is not None:
-            down_stack[index, : down.shape[0]] = down
-            up_stack[index, :, : up.shape[1]] = up
-    return StackedLayer(down=down_stack, up=up_stack)
+            rows = factor.rows if factor.rows is not None else (0, out_features)
+            downs, ups = by_slice.setdefault(rows, ([], []))
+            downs.append(down)
+            ups.append(factor.up * (factor.scale * strength))
+        for (start, size), (downs, ups) in by_slice.items():
+            down, up = torch.cat(downs), torch.cat(ups, dim=1)
+            pieces.setdefault((start, size, tuple(down.shape)), []).append((adapter, down, up))
+    return tuple(
+        LowRankGroup(
+            adapters=tuple(adapter for adapter, _, _ in members),
+            down=torch.stack([down for _, down, _ in members]),
+            up=torch.stack([up for _, _, up in members]),
+            start=start,
+            size=size,
+        )
+        for (start, size, _), members in sorted(pieces.items(), key=lambda item: item[0][:2])
+    )
 
 
 def _cast(tensor: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
     return None if tensor is None else tensor.to(device, dtype)
 
 
+@dataclass(frozen=True)
+class GroupRows:
+    """The rows of one forward that a :class:`LowRankGroup` serves: ``segments`` are runs of
+    consecutive such rows, ``(start, stop, index)``, where ``index`` picks each row's factors from
+    the group's stacks (a slice when the run holds the group's adapters in stack order, so the
+    stacks are viewed rather than gathered)."""
+
+    segments: tuple[tuple[int, int, slice | torch.Tensor], ...]
+
+
+class RowPlan:
+    """Which adapter each row of one forward carries (``BASE_ROW`` for the base model), with the
+    per-group runs and per-adapter row indices the hooks need, built once per plan and device."""
+
+    def __init__(self, rows: tuple[int, ...], device: torch.device) -> None:
+        self.rows, self.device = rows, device
+        self._groups: dict[tuple[int, ...], GroupRows] = {}
+        self._members: dict[int, torch.Tensor | None] = {}
+
+    @property
+    def batch(self) -> int:
+        return len(self.rows)
+
+    def group_rows(self, adapters: tuple[int, ...]) -> GroupRows:
+        cached = self._groups.get(adapters)
+        if cached is None:
+            cached = self._groups[adapters] = self._group_rows(adapters)
+        return cached
+
+    def _group_rows(self, adapters: tuple[int, ...]) -> GroupRows:
+        position = {adapter: j for j, adapter in enumerate(adapters)}
+        served = [i for i, adapter in enumerate(self.rows) if adapter in position]
+        segments = []
+        for start, stop, _ in runs_of(served):
+            positions = [position[self.rows[i]] for i in range(start, stop)]
+            if positions == list(range(positions[0], positions[0] + len(positions))):
+                index: slice | torch.Tensor = slice(positions[0], positions[0] + len(positions))
+            else:
+                index = torch.tensor(positions, dtype=torch.long).to(self.device)
+            segments.append((start, stop, index))
+        return GroupRows(tuple(segments))
+
+    def members(self, adapter: int) -> torch.Tensor | None:
+        """The indices (on the device) of the rows carrying ``adapter``, or None when none does."""
+        if adapter not in self._members:
+            rows = [i for i, a in enumerate(self.rows) if a == adapter]
+            self._members[adapter] = torch.tensor(rows, dtype=torch.long).to(self.device) if rows else None
+        return self._members[adapter]
+
+
 class RowLayers:
     """The deltas of one set of adapters, by module name, with copies cast per (device, dtype) on
-    first use (kept as long as the set is: see ``AdapterSet.row_layers``).
+    first use and the row plans of its forwards (kept as long as the set is: see
+    ``AdapterSet.row_layers``).
 
     Registered for each run (:func:`row_layers_registered`) so that the per-call wrapper finds them
     by an id in ``transformer_options``: model options are copied (and by some nodes deep-copied)
@@ -111,21 +191,31 @@ class RowLayers:
     def __init__(self, layers: dict[str, LayerDeltas]) -> None:
         self.layers = layers
         self._cast: dict[tuple[str, torch.device, torch.dtype], LayerDeltas] = {}
-        self._lock = threading.Lock()  # multi-GPU threads cast for their own devices at once
+        self._plans: dict[tuple[tuple[int, ...], torch.device], RowPlan] = {}
+        self._lock = threading.Lock()  # multi-GPU threads cast and plan for their own devices at once
 
     def on(self, name: str, device: torch.device, dtype: torch.dtype) -> LayerDeltas:
         key = (name, device, dtype)
         cast = self._cast.get(key)
         if cast is None:
-            layer = self.layers[name]
-            low_rank = layer.low_rank
-            if low_rank is not None:
-                low_rank = StackedLayer(low_rank.down.to(device, dtype), low_rank.up.to(device, dtype))
-            dense = {a: DenseDelta(_cast(d.weight, device, dtype), _cast(d.bias, device, dtype)) for a, d in layer.dense.items()}
-            cast = LayerDeltas(low_rank, dense)
+            cast = self.layers[name].to(device, dtype)
             with self._lock:
                 self._cast[key] = cast
         return cast
+
+    def plan(self, rows: tuple[int, ...], device: torch.device) -> RowPlan:
+        """The plan of a forward whose rows carry ``rows`` (adapter index or ``BASE_ROW`` per row)."""
+        key = (rows, device)
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is None:
+                if len(self._plans) >= MAX_CACHED_PLANS:
+                    self._plans.pop(next(iter(self._plans)))
+                plan = self._plans[key] = RowPlan(rows, device)
+        return plan
+
+    def numel(self) -> int:
+        return sum(layer.numel() for layer in self.layers.values())
 
 
 _RUNS: dict[int, RowLayers] = {}
@@ -141,24 +231,6 @@ def row_layers_registered(layers: RowLayers) -> Iterator[int]:
         yield run_id
     finally:
         del _RUNS[run_id]
-
-
-@dataclass(frozen=True)
-class RowPlan:
-    """Which rows of one forward carry an adapter, and which one.
-
-    ``adapter_rows[j]`` is the stacked-layer index of the j-th row that carries an adapter; base
-    rows are left out, so their share of the low-rank work is skipped. ``segments`` are the runs
-    of consecutive adapter rows, ``(start, stop, first)``: rows ``start:stop`` of the batch, whose
-    indices are ``adapter_rows[first:first + stop - start]``. Working on each run as a slice of the
-    batch (a view) lets the deltas be accumulated in place, with no copy of the input rows.
-    ``rows_of`` lists each adapter's rows for the dense deltas.
-    """
-
-    batch: int
-    adapter_rows: torch.Tensor
-    segments: tuple[tuple[int, int, int], ...]
-    rows_of: dict[int, torch.Tensor]
 
 
 class RowLoRAHook:
@@ -181,10 +253,10 @@ class RowLoRAHook:
                 "this model family batches its layers in a way the per-row LoRA path does not support"
             )
         layer = self.layers.on(self.name, x.device, x.dtype)
-        if layer.low_rank is not None:
-            output = self._add_low_rank(x, output, layer.low_rank)
+        for group in layer.low_rank:
+            self._add_low_rank(x, output, group, plan.group_rows(group.adapters))
         for adapter, delta in layer.dense.items():
-            rows = plan.rows_of.get(adapter)
+            rows = plan.members(adapter)
             if rows is not None:
                 added = self._dense(x.index_select(0, rows), delta, output.shape)
                 output.index_add_(0, rows, added.to(output.dtype))
@@ -198,30 +270,30 @@ class RowLoRAHook:
             return self.conv_nd(x, delta.weight, delta.bias, groups=self.groups, **self.conv_args)
         return F.linear(x, delta.weight, delta.bias)
 
-    def _add_low_rank(self, x: torch.Tensor, output: torch.Tensor, stacked: StackedLayer) -> torch.Tensor:
-        """``output[rows] += f(x[rows]; up @ down)`` per run of adapter rows, accumulated in place."""
-        for start, stop, first in self.plan.segments:
-            rows = self.plan.adapter_rows[first : first + stop - start]
-            down, up = stacked.down[rows], stacked.up[rows]
+    def _add_low_rank(self, x: torch.Tensor, output: torch.Tensor, group: LowRankGroup, rows: GroupRows) -> None:
+        """``output[rows, slice] += f(x[rows]; up @ down)`` per run of rows, accumulated in place."""
+        channels = slice(group.start, group.start + group.size)
+        whole_output = group.size == output.shape[1 if self.conv else -1]
+        for start, stop, index in rows.segments:
+            down, up = group.down[index], group.up[index]
             x_rows, out_rows = x[start:stop], output[start:stop]
+            count = stop - start
             if self.conv:
-                count, channels = x_rows.shape[:2]
                 hidden = self.conv_nd(
-                    x_rows.reshape(1, count * channels, *x_rows.shape[2:]),
+                    x_rows.reshape(1, count * x_rows.shape[1], *x_rows.shape[2:]),
                     down.reshape(count * down.shape[1], *down.shape[2:]),
                     groups=count,
                     **self.conv_args,
                 )
                 hidden = hidden.reshape(count, down.shape[1], *hidden.shape[2:])
-                out_rows.add_(torch.einsum("br...,bor->bo...", hidden, up).to(output.dtype))
+                out_rows[:, channels].add_(torch.einsum("br...,bor->bo...", hidden, up).to(output.dtype))
                 continue
-            count = stop - start
             hidden = torch.bmm(x_rows.reshape(count, -1, x.shape[-1]), down.transpose(1, 2))
-            if out_rows.is_contiguous() and out_rows.dtype == hidden.dtype:
+            if whole_output and out_rows.is_contiguous() and out_rows.dtype == hidden.dtype:
                 out_rows.view(count, -1, output.shape[-1]).baddbmm_(hidden, up.transpose(1, 2))
             else:
-                out_rows.add_(torch.bmm(hidden, up.transpose(1, 2)).reshape(out_rows.shape).to(output.dtype))
-        return output
+                delta = torch.bmm(hidden, up.transpose(1, 2)).reshape(*out_rows.shape[:-1], group.size)
+                out_rows[..., channels].add_(delta.to(output.dtype))
 
 
 @contextlib.contextmanager
@@ -238,13 +310,13 @@ def row_loras_installed(diffusion_model: torch.nn.Module, layers: RowLayers, pla
             handle.remove()
 
 
-def rows_for_forward(row_map: Sequence[int], cond_or_uncond: Sequence[int], batch: int, base_index: int) -> torch.Tensor:
-    """The stacked-layer index of every row of one forward: ``base_index`` for base-model rows."""
+def rows_for_forward(row_map: Sequence[int], cond_or_uncond: Sequence[int], batch: int) -> tuple[int, ...]:
+    """The adapter index (or ``BASE_ROW``) of every row of one forward."""
     chunks = len(cond_or_uncond)
     if batch % chunks:
         raise RuntimeError(f"comfyui-loratorio: a forward of {batch} rows cannot hold {chunks} equal chunks")
-    per_chunk = [row_map[i] if row_map[i] != BASE_ROW else base_index for i in cond_or_uncond]
-    return torch.tensor(per_chunk, dtype=torch.long).repeat_interleave(batch // chunks)
+    per_chunk = batch // chunks
+    return tuple(row_map[i] for i in cond_or_uncond for _ in range(per_chunk))
 
 
 def runs_of(active: list[int]) -> tuple[tuple[int, int, int], ...]:
@@ -255,17 +327,6 @@ def runs_of(active: list[int]) -> tuple[tuple[int, int, int], ...]:
             runs.append((active[first], active[position - 1] + 1, first))
             first = position
     return tuple(runs)
-
-
-def row_plan(rows: torch.Tensor, base_index: int, device: torch.device, dense_adapters: set[int]) -> RowPlan:
-    """The plan of one forward from its per-row stacked-layer indices (on the CPU), moved to ``device`` once."""
-    active = (rows != base_index).nonzero().flatten()
-    rows_of = {}
-    for adapter in dense_adapters:
-        members = (rows == adapter).nonzero().flatten()
-        if members.numel():
-            rows_of[adapter] = members.to(device)
-    return RowPlan(rows.numel(), rows[active].to(device), runs_of(active.tolist()), rows_of)
 
 
 def apply_model_with_rows(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
@@ -281,12 +342,11 @@ def apply_model_with_rows(executor, x, t, c_concat=None, c_crossattn=None, contr
     layers = _RUNS.get(row_map["run"])
     if layers is None:
         raise RuntimeError("comfyui-loratorio: a model call arrived after its sampling run ended")
-    base_index = row_map["base_index"]
-    rows = rows_for_forward(row_map["rows"], options["cond_or_uncond"], x.shape[0], base_index)
+    rows = rows_for_forward(row_map["rows"], options["cond_or_uncond"], x.shape[0])
     semantic_options = with_semantic_chunks(options, row_map)
-    if bool((rows == base_index).all()):
+    if all(row == BASE_ROW for row in rows):
         return executor(x, t, c_concat, c_crossattn, control, semantic_options, **kwargs)
-    plan = row_plan(rows, base_index, x.device, row_map["dense_adapters"])
+    plan = layers.plan(rows, x.device)
     with eager_diffusion_model(executor.class_obj) as diffusion_model, row_loras_installed(diffusion_model, layers, plan):
         return executor(x, t, c_concat, c_crossattn, control, semantic_options, **kwargs)
 

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .patches import check_patch_size, expand_patches, patch_cosine_similarity
 from .tensors import check_latent, check_stack, classifier_free_guidance
-from .weights import TopKMode, check_temperature, check_top_k, check_top_k_mode, softmin_weights, top_k_mask
+from .weights import TopKMode, check_temperature, check_top_k, check_top_k_mode, softmin_over_kept, top_k_mask
 
 DEFAULT_PATCH_SIZE = 8
 DEFAULT_TEMPERATURE = 0.05
@@ -76,7 +76,7 @@ def routing_weights(adapter_conds: Tensor, base_cond: Tensor, params: LoRAtorioP
     """``Omega [N, B, 1, H, W]`` (float32) from noise-space cond predictions (steps 1 to 3)."""
     similarity = patch_cosine_similarity(adapter_conds, base_cond, params.patch_size)
     keep = None if params.top_k is None else top_k_mask(similarity, params.top_k, params.top_k_mode)
-    per_patch = softmin_weights(similarity, params.temperature, keep)
+    per_patch = softmin_over_kept(similarity, params.temperature, keep)  # params were checked when made
     height, width = base_cond.shape[-2:]
     return expand_patches(per_patch, height, width, params.patch_size).unsqueeze(2)
 

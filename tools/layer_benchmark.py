@@ -27,7 +27,7 @@ LAYER_SHAPES = ((4096, 320, 320), (1024, 640, 640), (1024, 1280, 1280), (4096, 6
 
 @dataclass(frozen=True)
 class MethodRows:
-    """The rows a method sends through a layer for N adapters: stacked-layer index per row (N = base)."""
+    """The rows a method sends through a layer for N adapters: adapter index per row (-1 = base)."""
 
     name: str
     rows: Callable[[int], list[int]]
@@ -35,8 +35,8 @@ class MethodRows:
 
 METHODS = (
     # base cond, adapter conds, adapter unconds, base uncond (the guider's order)
-    MethodRows("loratorio", lambda n: [n, *range(n), *range(n), n]),
-    MethodRows("loratorio-lambda1", lambda n: [n, *range(n), n]),
+    MethodRows("loratorio", lambda n: [-1, *range(n), *range(n), -1]),
+    MethodRows("loratorio-lambda1", lambda n: [-1, *range(n), -1]),
     MethodRows("composite", lambda n: [*range(n), *range(n)]),
     MethodRows("switch", lambda n: [0, 0]),
 )
@@ -69,14 +69,14 @@ def layer_ratio(row_lora, tokens: int, width_in: int, width_out: int, rank: int,
     """Hook time over base matmul time for one layer shape and method."""
     generator = torch.Generator().manual_seed(0)
     device, dtype = device_and_dtype()
-    rows = torch.tensor(method.rows(adapters))
+    rows = tuple(method.rows(adapters))
     module = torch.nn.Linear(width_in, width_out, bias=False).to(device, dtype)
     x = torch.randn(len(rows), tokens, width_in, generator=generator).to(device, dtype)
     factors = [
         [(_factor(row_lora, width_in, width_out, rank, generator), 1.0)] for _ in range(adapters)
     ]  # one rank-``rank`` LoRA per adapter
-    layers = row_lora.RowLayers({"layer": row_lora.LayerDeltas(row_lora.stack_layer(factors, width_out, None), {})})
-    plan = row_lora.row_plan(rows, adapters, device, set())
+    layers = row_lora.RowLayers({"layer": row_lora.LayerDeltas(row_lora.group_low_rank(factors, width_out, None), {})})
+    plan = layers.plan(rows, device)
     hook = row_lora.RowLoRAHook(module, "layer", layers, plan)
     output = F.linear(x, module.weight)
     with torch.no_grad():

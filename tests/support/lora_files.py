@@ -158,7 +158,7 @@ def write_peft(path: Path, family: str, model, rank: int = 4, seed: int = 0) -> 
 
 
 def write_loha(path: Path, family: str, model, rank: int = 4, alpha: float = 4.0, seed: int = 0) -> Path:
-    """A LyCORIS LoHa (Hadamard product) file on the linear layers: applied as dense per-row deltas."""
+    """A LyCORIS LoHa (Hadamard product) file on the linear layers (low-rank or dense per-row deltas)."""
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for target in diffusers_targets(family, model):
