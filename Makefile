@@ -39,5 +39,5 @@ lint:
 format:
 	$(HOST) run -- -m ruff format .
 
-workflows:  ## regenerate workflows/ and their template pictures (needs `make serve` running)
+workflows:  ## regenerate example_workflows/ and their template pictures (needs `make serve` running)
 	$(HOST) run -- tools/make_workflows.py --server http://127.0.0.1:$(PORT) --thumbnails

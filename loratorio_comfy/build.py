@@ -21,6 +21,12 @@ def _adapters(model, lora_stack) -> AdapterSet:
     return AdapterSet(model, [(name, model_strength) for name, model_strength, _ in lora_stack])
 
 
+def _windows(lora_stack) -> tuple[lc.StepWindow, ...]:
+    """Each LoRA's step window (set by the Step Window node), every step for the rest."""
+    windows = getattr(lora_stack, "windows", {})
+    return tuple(windows.get(name, lc.FULL_WINDOW) for name, _, _ in lora_stack)
+
+
 def loratorio_guider(
     model,
     positive,
@@ -42,20 +48,20 @@ def loratorio_guider(
         top_k=top_k if top_k > 0 else None,
         top_k_mode=top_k_mode,
     )
-    guider = LoRAtorioGuider(model, _adapters(model, lora_stack), check_cfg(cfg), params)
+    guider = LoRAtorioGuider(model, _adapters(model, lora_stack), check_cfg(cfg), params, _windows(lora_stack))
     guider.set_conds(positive, negative, adapter_positive, adapter_negative)
     return guider
 
 
 def composite_guider(model, positive, negative, lora_stack, cfg, adapter_positive=None, adapter_negative=None):
-    guider = LoRACompositeGuider(model, _adapters(model, lora_stack), check_cfg(cfg))
+    guider = LoRACompositeGuider(model, _adapters(model, lora_stack), check_cfg(cfg), _windows(lora_stack))
     guider.set_conds(positive, negative, adapter_positive, adapter_negative)
     return guider
 
 
 def switch_guider(model, positive, negative, lora_stack, cfg, tau, adapter_positive=None, adapter_negative=None):
     adapters = _adapters(model, lora_stack)
-    guider = LoRASwitchGuider(model, adapters, check_cfg(cfg), lc.SwitchSchedule(len(adapters), tau))
+    guider = LoRASwitchGuider(model, adapters, check_cfg(cfg), lc.SwitchSchedule(len(adapters), tau), _windows(lora_stack))
     guider.set_conds(positive, negative, adapter_positive, adapter_negative)
     return guider
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import comfy.model_patcher
 import comfy.patcher_extension
@@ -50,9 +51,12 @@ def reserve_memory_for_rows(rows_per_step: int, adapters: AdapterSet, executor, 
 class AdapterRowsGuider(comfy.samplers.CFGGuider):
     """Shared machinery: the adapter set, the row batching and the hooks' lifetime."""
 
-    def __init__(self, model_patcher, adapters: AdapterSet, cfg: float) -> None:
+    def __init__(self, model_patcher, adapters: AdapterSet, cfg: float, windows: Sequence[lc.StepWindow] | None = None) -> None:
         super().__init__(model_patcher)
         self.adapters = adapters
+        self.windows = tuple(windows) if windows is not None else (lc.FULL_WINDOW,) * len(adapters)
+        if len(self.windows) != len(adapters):
+            raise ValueError(f"{len(self.windows)} step windows for {len(adapters)} LoRAs; give one per LoRA")
         self.set_cfg(cfg)
         self.model_options = comfy.model_patcher.create_model_options_clone(model_patcher.model_options)
         comfy.patcher_extension.add_wrapper_with_key(
@@ -163,13 +167,28 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
         waits for the device: only the methods whose rows depend on the step call this per step."""
         return lc.step_index(timestep, self.sample_sigmas(model_options))
 
+    @property
+    def has_windows(self) -> bool:
+        return any(window != lc.FULL_WINDOW for window in self.windows)
+
+    def active_at(self, step: int, model_options: dict) -> tuple[int, ...]:
+        """The adapters whose step window holds ``step``: the others cost no row and add nothing."""
+        return lc.active_adapters(self.windows, step, len(self.sample_sigmas(model_options)) - 1)
+
+    def active_adapters(self, timestep: torch.Tensor, model_options: dict) -> tuple[int, ...]:
+        """The adapters active for this evaluation: every one when no LoRA has a window (and then
+        without reading the step from the device)."""
+        if not self.has_windows:
+            return tuple(range(len(self.adapters)))
+        return self.active_at(self.step_of(timestep, model_options), model_options)
+
 
 class LoRAtorioGuider(AdapterRowsGuider):
     """LoRAtorio: patch-wise SoftMin routing of the adapters' conds, re-centred CFG."""
 
-    def __init__(self, model_patcher, adapters: AdapterSet, cfg: float, params: lc.LoRAtorioParams) -> None:
+    def __init__(self, model_patcher, adapters: AdapterSet, cfg: float, params: lc.LoRAtorioParams, windows=None) -> None:
         self.params = params
-        super().__init__(model_patcher, adapters, cfg)
+        super().__init__(model_patcher, adapters, cfg, windows)
         self.weight_history = lc.WeightMapHistory()
 
     def sample(self, *args, **kwargs):
@@ -185,34 +204,43 @@ class LoRAtorioGuider(AdapterRowsGuider):
             self._unfiled_maps.clear()
 
     def rows_per_step(self) -> int:
-        return len(self.row_plan(self.uses_uncond))
+        return len(self.row_plan(self.uses_uncond, range(len(self.adapters))))
 
-    def row_plan(self, with_uncond: bool) -> list[tuple[str, int]]:
+    def row_plan(self, with_uncond: bool, active: Sequence[int]) -> list[tuple[str, int]]:
         """Base cond, adapter conds, adapter unconds, base uncond: the base rows at the two ends, so
         the adapter rows form one run in the batch whichever way ComfyUI orders the lists."""
-        n = len(self.adapters)
-        rows = [(POSITIVE, BASE_ROW)] + [(POSITIVE, i) for i in range(n)]
+        rows = [(POSITIVE, BASE_ROW)] + [(POSITIVE, i) for i in active]
         if with_uncond:
             if self.params.needs_adapter_unconds:
-                rows += [(NEGATIVE, i) for i in range(n)]
+                rows += [(NEGATIVE, i) for i in active]
             rows.append((NEGATIVE, BASE_ROW))
         return rows
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 - CFGGuider's signature
-        n = len(self.adapters)
+        active = self.active_adapters(timestep, model_options)
+        n = len(active)
         with_uncond = self.needs_uncond(model_options)
-        out = self.evaluate(self.row_plan(with_uncond), x, timestep, model_options)
-        base_cond, adapter_conds = out[0], torch.stack(out[1 : 1 + n])
+        out = self.evaluate(self.row_plan(with_uncond, active), x, timestep, model_options)
+        base_cond = out[0]
+        uncond = out[-1] if with_uncond else None
+        if n == 0:  # every LoRA is outside its window: the base model's step
+            self._file_weight_map(x.new_zeros(len(self.adapters), x.shape[0], 1, *x.shape[2:]), timestep, model_options)
+            return self.guide(base_cond, uncond, x, timestep, model_options)
+        adapter_conds = torch.stack(out[1 : 1 + n])
         # the routing signal lives in noise space; x and sigma are shared, so (x - D) has the same cosines
         weights = lc.routing_weights(x.unsqueeze(0) - adapter_conds, x - base_cond, self.params)
-        kept = weights[:, : self.weight_history.sample + 1].detach()  # the sample the history keeps
-        self._unfiled_maps.append((timestep.detach(), kept, self.sample_sigmas(model_options)))
+        every_adapter = weights.new_zeros(len(self.adapters), *weights.shape[1:])
+        every_adapter[list(active)] = weights
+        self._file_weight_map(every_adapter, timestep, model_options)
         cond = lc.weighted_sum(weights, adapter_conds)
-        uncond = None
         if with_uncond:
             adapter_unconds = torch.stack(out[1 + n : -1]) if self.params.needs_adapter_unconds else None
             uncond = lc.recentred_uncond(out[-1], adapter_unconds, weights, self.params.recentre_lambda)
         return self.guide(cond, uncond, x, timestep, model_options)
+
+    def _file_weight_map(self, weights: torch.Tensor, timestep: torch.Tensor, model_options: dict) -> None:
+        kept = weights[:, : self.weight_history.sample + 1].detach()  # the sample the history keeps
+        self._unfiled_maps.append((timestep.detach(), kept, self.sample_sigmas(model_options)))
 
 
 class LoRACompositeGuider(AdapterRowsGuider):
@@ -222,9 +250,10 @@ class LoRACompositeGuider(AdapterRowsGuider):
         return len(self.adapters) * (2 if self.uses_uncond else 1)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006
-        n = len(self.adapters)
+        members = self.active_adapters(timestep, model_options) or (BASE_ROW,)  # no LoRA in its window: the base model
+        n = len(members)
         with_uncond = self.needs_uncond(model_options)
-        rows = [(POSITIVE, i) for i in range(n)] + ([(NEGATIVE, i) for i in range(n)] if with_uncond else [])
+        rows = [(POSITIVE, i) for i in members] + ([(NEGATIVE, i) for i in members] if with_uncond else [])
         out = self.evaluate(rows, x, timestep, model_options)
         cond = lc.adapter_mean(torch.stack(out[:n]))
         uncond = lc.adapter_mean(torch.stack(out[n:])) if with_uncond else None
@@ -234,17 +263,19 @@ class LoRACompositeGuider(AdapterRowsGuider):
 class LoRASwitchGuider(AdapterRowsGuider):
     """LoRA Switch: one adapter at a time for cond and uncond, advancing every ``tau`` steps."""
 
-    def __init__(self, model_patcher, adapters: AdapterSet, cfg: float, schedule: lc.SwitchSchedule) -> None:
+    def __init__(self, model_patcher, adapters: AdapterSet, cfg: float, schedule: lc.SwitchSchedule, windows=None) -> None:
         if schedule.adapter_count != len(adapters):
             raise ValueError(f"the switch schedule is for {schedule.adapter_count} adapters, the stack has {len(adapters)}")
         self.schedule = schedule
-        super().__init__(model_patcher, adapters, cfg)
+        super().__init__(model_patcher, adapters, cfg, windows)
 
     def rows_per_step(self) -> int:
         return 2 if self.uses_uncond else 1
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006
-        active = self.schedule.adapter_at_step(self.step_of(timestep, model_options))
+        step = self.step_of(timestep, model_options)
+        active = lc.switch_adapter(self.schedule, step, self.active_at(step, model_options))
+        active = BASE_ROW if active is None else active  # no LoRA in its window: the base model
         with_uncond = self.needs_uncond(model_options)
         rows = [(POSITIVE, active)] + ([(NEGATIVE, active)] if with_uncond else [])
         out = self.evaluate(rows, x, timestep, model_options)

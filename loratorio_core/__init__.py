@@ -21,6 +21,7 @@ from .loratorio import (
     weighted_sum,
 )
 from .patches import expand_patches, patch_cosine_similarity, patch_grid
+from .schedule import FULL_WINDOW, StepWindow, active_adapters, budget_factor, switch_adapter
 from .switch import DEFAULT_TAU, SwitchSchedule, step_index
 from .tensors import classifier_free_guidance, denoised_to_noise, noise_to_denoised
 from .weights import TOP_K_MODES, TopKMode, softmin_weights, top_k_mask
@@ -32,15 +33,19 @@ __all__ = [
     "DEFAULT_TEMPERATURE",
     "DEFAULT_TOP_K",
     "DEFAULT_TOP_K_MODE",
+    "FULL_WINDOW",
     "TOP_K_MODES",
     "CompositeResult",
     "LoRAtorioParams",
     "LoRAtorioResult",
+    "StepWindow",
     "SwitchSchedule",
     "TopKMode",
     "WeightMapHistory",
+    "active_adapters",
     "adapter_mean",
     "adapter_palette",
+    "budget_factor",
     "classifier_free_guidance",
     "colourise",
     "denoised_to_noise",
@@ -54,6 +59,7 @@ __all__ = [
     "routing_weights",
     "softmin_weights",
     "step_index",
+    "switch_adapter",
     "top_k_mask",
     "weighted_sum",
 ]

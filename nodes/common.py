@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 import comfy.samplers
@@ -24,10 +25,20 @@ class LoraStackEntry(NamedTuple):
     clip_strength: float
 
 
-def as_lora_stack(value: object) -> list[LoraStackEntry]:
+class LoraStack(list):
+    """A ``LORA_STACK`` that also carries the pack's per-LoRA step windows, by LoRA name. Other
+    packs see the plain list of ``(name, model, clip)`` rows they exchange; the windows ride along."""
+
+    def __init__(self, rows: Iterable[LoraStackEntry] = (), windows: Mapping[str, lc.StepWindow] | None = None) -> None:
+        super().__init__(rows)
+        names = {row[0] for row in self}
+        self.windows: dict[str, lc.StepWindow] = {name: w for name, w in (windows or {}).items() if name in names}
+
+
+def as_lora_stack(value: object) -> LoraStack:
     """Validate a ``LORA_STACK`` from any pack: a list of ``(name, model, clip)`` triples."""
     if value is None:
-        return []
+        return LoraStack()
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"LORA_STACK must be a list of (lora_name, model_strength, clip_strength), got {type(value).__name__}")
     entries = []
@@ -42,7 +53,7 @@ def as_lora_stack(value: object) -> list[LoraStackEntry]:
         except (TypeError, ValueError):
             raise ValueError(f"LORA_STACK row {position} has non-numeric strengths: {row!r}") from None
         entries.append(LoraStackEntry(name, *(check_strength(name, strength) for strength in strengths)))
-    return entries
+    return LoraStack(entries, getattr(value, "windows", None))
 
 
 def with_preview(images: object, result: tuple) -> dict:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import comfy.sd
 
 from ..loratorio_comfy.adapter_set import lora_path
 from ..loratorio_comfy.adapters import LORA_FILES, diffusion_patches, has_diffusion_layers, parse_lora, text_encoder_part
 from .common import CATEGORY, LORA_STACK, as_lora_stack
+
+LOG = logging.getLogger("comfyui-loratorio")
 
 
 class LoRAMerge:
@@ -18,7 +22,8 @@ class LoRAMerge:
     FUNCTION = "merge"
     DESCRIPTION = (
         "The LoRA Merge baseline: adds every LoRA of the stack to the model at its strength, exactly as "
-        "chaining ComfyUI's Load LoRA nodes would. Compare the composition samplers against it."
+        "chaining ComfyUI's Load LoRA nodes would. Compare the composition samplers against it. Step windows "
+        "(LoRA Step Window) cannot apply here: merged weights act at every step, so they are ignored with a warning."
     )
 
     @classmethod
@@ -34,7 +39,14 @@ class LoRAMerge:
     def merge(self, model, lora_stack, clip=None):
         """What ``comfy.sd.load_lora_for_models`` does per LoRA, with the composition nodes' key map,
         strength bound and fit check, so Merge and the composition methods apply the same layers."""
-        for entry in as_lora_stack(lora_stack):
+        stack = as_lora_stack(lora_stack)
+        if stack.windows:
+            LOG.warning(
+                "comfyui-loratorio: LoRA Merge ignores the step windows of %s: merged weights act at every step. "
+                "Use a composition sampler to honour them.",
+                ", ".join(stack.windows),
+            )
+        for entry in stack:
             clip_strength = entry.clip_strength if clip is not None else 0.0
             lora = LORA_FILES.load(lora_path(entry.lora_name), entry.lora_name) if entry.model_strength or clip_strength else {}
             if entry.model_strength and (has_diffusion_layers(lora) or clip is None):

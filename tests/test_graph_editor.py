@@ -94,12 +94,12 @@ def test_node_search_finds_every_pack_node_and_adds_it_with_its_widgets(editor, 
 
 
 def template_names() -> list[str]:
-    return sorted(path.stem for path in (REPO / "workflows").glob("*.json"))
+    return sorted(path.stem for path in (REPO / "example_workflows").glob("*.json"))
 
 
 def test_missing_nodes_are_detected(editor):
     """The check the template test relies on does see a node type the server lacks."""
-    workflow = json.loads((REPO / "workflows" / "loratorio.json").read_text())
+    workflow = json.loads((REPO / "example_workflows" / "loratorio.json").read_text())
     workflow["nodes"][0]["type"] = "NoSuchLoRANode"
     editor.page.evaluate("async workflow => await app.loadGraphData(workflow)", workflow)
     editor.page.wait_for_timeout(500)
@@ -120,7 +120,7 @@ def test_a_workflow_saved_with_the_old_node_ids_opens_without_missing_nodes(edit
 @pytest.mark.parametrize("name", template_names())
 def test_each_workflow_opens_from_the_templates_dialog_without_missing_nodes(editor, name):
     editor.open_template(name)
-    workflow = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
     assert sorted(node["type"] for node in editor.nodes()) == sorted(node["type"] for node in workflow["nodes"])
     assert editor.missing_node_types() == []
     assert not [text for text in editor.dialog_texts() if "missing" in text.lower()]

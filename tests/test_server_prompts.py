@@ -61,7 +61,7 @@ def test_bad_inputs_are_clear_errors_and_the_server_stays_up(server, demo_models
 
 
 def test_a_workflow_saved_with_the_old_node_ids_still_runs(server, demo_models):
-    """``tests/data/legacy-loratorio-api.json`` is ``workflows/api/loratorio.json`` as shipped before the
+    """``tests/data/legacy-loratorio-api.json`` is ``example_workflows/api/loratorio.json`` as shipped before the
     ids were prefixed (``MultiLoRALoader``): hidden aliases keep such workflows running."""
     prompt = json.loads((Path(__file__).parent / "data" / "legacy-loratorio-api.json").read_text())
     assert prompt["5"]["class_type"] == "MultiLoRALoader"

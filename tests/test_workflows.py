@@ -10,7 +10,7 @@ import pytest
 from comfy_client import is_widget, ui_to_api
 
 pytestmark = pytest.mark.server
-WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
+WORKFLOWS = Path(__file__).resolve().parent.parent / "example_workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 METHODS = {"loratorio", "loratorio-dynamic-pool", "lora-switch", "lora-composite", "lora-merge-baseline"}
 

@@ -13,7 +13,7 @@ composes them, one API job per combination, method and seed. ``tools/quality/det
 which concepts each image shows; the enlarged images, a comparison sheet (the verdicts under the
 images, LoRAtorio's weight maps beside) and ``summary.json`` are written under ``--out``.
 
-With ``--checkpoint`` it runs each method's API workflow from ``workflows/api/`` instead, on your
+With ``--checkpoint`` it runs each method's API workflow from ``example_workflows/api/`` instead, on your
 own ComfyUI (``--server``) and models, or, without ``--server``, on the pinned host with the seeded
 random-weight SD1.5 demo models of ``tools/demo_assets.py`` (abstract images: a test of the real
 loaders, not of composition).
@@ -73,11 +73,11 @@ def local_server(out_dir: Path, models_dir: Path | None, toy: bool) -> Iterator[
 
 
 def build_jobs(options: argparse.Namespace) -> list[Job]:
-    """Each method's API workflow from ``workflows/api/`` per seed, with the user's models."""
+    """Each method's API workflow from ``example_workflows/api/`` per seed, with the user's models."""
     params: dict[str, object] = {"steps": options.steps, "width": options.size, "height": options.size}
     jobs = []
     for method in METHODS:
-        prompt = json.loads((PACK_DIR / "workflows" / "api" / f"{method}.json").read_text())
+        prompt = json.loads((PACK_DIR / "example_workflows" / "api" / f"{method}.json").read_text())
         for seed in options.seed:
             overrides = Overrides(options.checkpoint, options.lora, options.prompt, None, seed, params)
             jobs.append(Job(f"{method}_seed{seed}", apply_overrides(prompt, overrides)))
@@ -129,7 +129,7 @@ def check_toy_nodes(server: str) -> None:
 def parse_options(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", action="append", help="your ComfyUI URL(s); without it the pinned host is started")
-    parser.add_argument("--checkpoint", help="run the workflows/api/ workflows with this checkpoint instead of the toy world")
+    parser.add_argument("--checkpoint", help="run example_workflows/api/ with this checkpoint instead of the toy world")
     parser.add_argument("--lora", action="append", type=parse_lora, help="NAME[:STRENGTH]; repeat (with --checkpoint)")
     parser.add_argument("--prompt", help="the positive prompt (with --checkpoint; default: the workflows' prompt)")
     parser.add_argument("--size", type=int, default=256, help="image width and height in pixels (with --checkpoint)")

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Write the example workflows: a UI-format file per method in ``workflows/`` (the graph editor
-lists them as templates) and its API-format twin in ``workflows/api/`` (what ``POST /prompt`` and
+"""Write the example workflows: a UI-format file per method in ``example_workflows/`` (the graph editor
+lists them as templates) and its API-format twin in ``example_workflows/api/`` (what ``POST /prompt`` and
 ``tools/comfy_client.py`` take).
 
     python3 tools/host.py run -- tools/make_workflows.py --server http://127.0.0.1:8188 [--thumbnails]
@@ -8,7 +8,7 @@ lists them as templates) and its API-format twin in ``workflows/api/`` (what ``P
 The API prompts below are the source; the UI layout is derived from them with the server's
 ``/object_info`` (widget order, output types). Re-run after changing a node's inputs.
 ``--thumbnails`` also runs each workflow on the server (which needs the demo models: ``make serve``)
-and saves its image as ``workflows/<name>.jpg``, the card picture of the templates dialog.
+and saves its image as ``example_workflows/<name>.jpg``, the card picture of the templates dialog.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfy_client import NEGATIVE_TITLE, POSITIVE_TITLE, Job, has_control_widget, http_json, is_widget, ordered_inputs, run_jobs
 
-WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows"
+WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "example_workflows"
 CHECKPOINT = "loratorio-demo-sd15.safetensors"
 LORAS = [
     ("demo-character-kohya.safetensors", 1.0),
@@ -159,7 +159,7 @@ def image_node(prompt: dict) -> str:
 
 
 def write_thumbnails(server: str, size: int = THUMBNAIL_SIZE) -> None:
-    """Run every workflow on ``server`` and save its picture as ``workflows/<name>.jpg``."""
+    """Run every workflow on ``server`` and save its picture as ``example_workflows/<name>.jpg``."""
     from PIL import Image
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -172,7 +172,7 @@ def write_thumbnails(server: str, size: int = THUMBNAIL_SIZE) -> None:
                 thumbnail = image.convert("RGB")
                 thumbnail.thumbnail((size, size))
                 thumbnail.save(WORKFLOWS_DIR / f"{job.name}.jpg", quality=85)
-            print(f"wrote workflows/{job.name}.jpg")
+            print(f"wrote example_workflows/{job.name}.jpg")
 
 
 def main() -> int:
@@ -185,7 +185,7 @@ def main() -> int:
     for name, prompt in WORKFLOWS.items():
         (WORKFLOWS_DIR / "api" / f"{name}.json").write_text(json.dumps(prompt, indent=2) + "\n")
         (WORKFLOWS_DIR / f"{name}.json").write_text(json.dumps(api_to_ui(prompt, object_info), indent=2) + "\n")
-        print(f"wrote workflows/{name}.json and workflows/api/{name}.json")
+        print(f"wrote example_workflows/{name}.json and example_workflows/api/{name}.json")
     if options.thumbnails:
         write_thumbnails(options.server.rstrip("/"))
     return 0
