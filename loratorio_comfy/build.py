@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 from .. import loratorio_core as lc
@@ -9,6 +10,8 @@ from .adapter_set import AdapterSet
 from .adapters import LoRAInputError
 from .guiders import LoRACompositeGuider, LoRASwitchGuider, LoRAtorioGuider
 from .weight_map_image import render_no_steps, render_weight_maps
+
+LOG = logging.getLogger("comfyui-loratorio")
 
 
 def check_cfg(cfg: float) -> float:
@@ -19,6 +22,22 @@ def check_cfg(cfg: float) -> float:
 
 def _adapters(model, lora_stack) -> AdapterSet:
     return AdapterSet(model, [(name, model_strength) for name, model_strength, _ in lora_stack])
+
+
+def _regions(lora_stack) -> tuple[lc.Region | None, ...]:
+    """Each LoRA's region (set by the Region Mask node), None (global) for the rest."""
+    regions = getattr(lora_stack, "regions", {})
+    return tuple(regions.get(name) for name, _, _ in lora_stack)
+
+
+def _warn_ignored_regions(lora_stack, method: str) -> None:
+    if getattr(lora_stack, "regions", None):
+        LOG.warning(
+            "comfyui-loratorio: %s ignores the regions of %s (one LoRA acts at a time over the whole image); "
+            "use LoRAtorio or LoRA Composite to honour them.",
+            method,
+            ", ".join(lora_stack.regions),
+        )
 
 
 def _windows(lora_stack) -> tuple[lc.StepWindow, ...]:
@@ -48,18 +67,20 @@ def loratorio_guider(
         top_k=top_k if top_k > 0 else None,
         top_k_mode=top_k_mode,
     )
-    guider = LoRAtorioGuider(model, _adapters(model, lora_stack), check_cfg(cfg), params, _windows(lora_stack))
+    adapters = _adapters(model, lora_stack)
+    guider = LoRAtorioGuider(model, adapters, check_cfg(cfg), params, _windows(lora_stack), _regions(lora_stack))
     guider.set_conds(positive, negative, adapter_positive, adapter_negative)
     return guider
 
 
 def composite_guider(model, positive, negative, lora_stack, cfg, adapter_positive=None, adapter_negative=None):
-    guider = LoRACompositeGuider(model, _adapters(model, lora_stack), check_cfg(cfg), _windows(lora_stack))
+    guider = LoRACompositeGuider(model, _adapters(model, lora_stack), check_cfg(cfg), _windows(lora_stack), _regions(lora_stack))
     guider.set_conds(positive, negative, adapter_positive, adapter_negative)
     return guider
 
 
 def switch_guider(model, positive, negative, lora_stack, cfg, tau, adapter_positive=None, adapter_negative=None):
+    _warn_ignored_regions(lora_stack, "LoRA Switch")
     adapters = _adapters(model, lora_stack)
     guider = LoRASwitchGuider(model, adapters, check_cfg(cfg), lc.SwitchSchedule(len(adapters), tau), _windows(lora_stack))
     guider.set_conds(positive, negative, adapter_positive, adapter_negative)

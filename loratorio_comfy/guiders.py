@@ -51,12 +51,20 @@ def reserve_memory_for_rows(rows_per_step: int, adapters: AdapterSet, executor, 
 class AdapterRowsGuider(comfy.samplers.CFGGuider):
     """Shared machinery: the adapter set, the row batching and the hooks' lifetime."""
 
-    def __init__(self, model_patcher, adapters: AdapterSet, cfg: float, windows: Sequence[lc.StepWindow] | None = None) -> None:
+    def __init__(
+        self,
+        model_patcher,
+        adapters: AdapterSet,
+        cfg: float,
+        windows: Sequence[lc.StepWindow] | None = None,
+        regions: Sequence[lc.Region | None] | None = None,
+    ) -> None:
         super().__init__(model_patcher)
         self.adapters = adapters
         self.windows = tuple(windows) if windows is not None else (lc.FULL_WINDOW,) * len(adapters)
-        if len(self.windows) != len(adapters):
-            raise ValueError(f"{len(self.windows)} step windows for {len(adapters)} LoRAs; give one per LoRA")
+        self.regions = tuple(regions) if regions is not None else (None,) * len(adapters)
+        if len(self.windows) != len(adapters) or len(self.regions) != len(adapters):
+            raise ValueError(f"step windows and regions must be given one per LoRA ({len(adapters)})")
         self.set_cfg(cfg)
         self.model_options = comfy.model_patcher.create_model_options_clone(model_patcher.model_options)
         comfy.patcher_extension.add_wrapper_with_key(
@@ -175,6 +183,11 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
         """The adapters whose step window holds ``step``: the others cost no row and add nothing."""
         return lc.active_adapters(self.windows, step, len(self.sample_sigmas(model_options)) - 1)
 
+    def regions_of(self, active: Sequence[int]) -> tuple[lc.Region | None, ...] | None:
+        """The regions of the ``active`` adapters, or None when none of them has one."""
+        regions = tuple(self.regions[i] for i in active)
+        return regions if any(region is not None for region in regions) else None
+
     def active_adapters(self, timestep: torch.Tensor, model_options: dict) -> tuple[int, ...]:
         """The adapters active for this evaluation: every one when no LoRA has a window (and then
         without reading the step from the device)."""
@@ -186,9 +199,9 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
 class LoRAtorioGuider(AdapterRowsGuider):
     """LoRAtorio: patch-wise SoftMin routing of the adapters' conds, re-centred CFG."""
 
-    def __init__(self, model_patcher, adapters: AdapterSet, cfg: float, params: lc.LoRAtorioParams, windows=None) -> None:
+    def __init__(self, model_patcher, adapters: AdapterSet, cfg: float, params: lc.LoRAtorioParams, windows=None, regions=None):
         self.params = params
-        super().__init__(model_patcher, adapters, cfg, windows)
+        super().__init__(model_patcher, adapters, cfg, windows, regions)
         self.weight_history = lc.WeightMapHistory()
 
     def sample(self, *args, **kwargs):
@@ -228,14 +241,18 @@ class LoRAtorioGuider(AdapterRowsGuider):
             return self.guide(base_cond, uncond, x, timestep, model_options)
         adapter_conds = torch.stack(out[1 : 1 + n])
         # the routing signal lives in noise space; x and sigma are shared, so (x - D) has the same cosines
-        weights = lc.routing_weights(x.unsqueeze(0) - adapter_conds, x - base_cond, self.params)
+        regions = self.regions_of(active)
+        weights = lc.routing_weights(x.unsqueeze(0) - adapter_conds, x - base_cond, self.params, regions)
         every_adapter = weights.new_zeros(len(self.adapters), *weights.shape[1:])
         every_adapter[list(active)] = weights
         self._file_weight_map(every_adapter, timestep, model_options)
-        cond = lc.weighted_sum(weights, adapter_conds)
+        if regions is None:
+            cond = lc.weighted_sum(weights, adapter_conds)
+        else:  # where the regions leave no adapter, the base model's prediction
+            cond = lc.weighted_with_base(weights, adapter_conds, base_cond)
         if with_uncond:
             adapter_unconds = torch.stack(out[1 + n : -1]) if self.params.needs_adapter_unconds else None
-            uncond = lc.recentred_uncond(out[-1], adapter_unconds, weights, self.params.recentre_lambda)
+            uncond = lc.recentred_uncond(out[-1], adapter_unconds, weights, self.params.recentre_lambda, regions is not None)
         return self.guide(cond, uncond, x, timestep, model_options)
 
     def _file_weight_map(self, weights: torch.Tensor, timestep: torch.Tensor, model_options: dict) -> None:
@@ -255,8 +272,14 @@ class LoRACompositeGuider(AdapterRowsGuider):
         with_uncond = self.needs_uncond(model_options)
         rows = [(POSITIVE, i) for i in members] + ([(NEGATIVE, i) for i in members] if with_uncond else [])
         out = self.evaluate(rows, x, timestep, model_options)
-        cond = lc.adapter_mean(torch.stack(out[:n]))
-        uncond = lc.adapter_mean(torch.stack(out[n:])) if with_uncond else None
+        regions = self.regions_of(members) if BASE_ROW not in members else None
+        if regions is None:
+            cond = lc.adapter_mean(torch.stack(out[:n]))
+            uncond = lc.adapter_mean(torch.stack(out[n:])) if with_uncond else None
+        else:
+            maps = lc.region_maps(regions, x.shape[0], x.shape[-2], x.shape[-1], x.device)
+            cond = lc.regional_mean(torch.stack(out[:n]), maps)
+            uncond = lc.regional_mean(torch.stack(out[n:]), maps) if with_uncond else None
         return self.guide(cond, uncond, x, timestep, model_options)
 
 
@@ -264,6 +287,7 @@ class LoRASwitchGuider(AdapterRowsGuider):
     """LoRA Switch: one adapter at a time for cond and uncond, advancing every ``tau`` steps."""
 
     def __init__(self, model_patcher, adapters: AdapterSet, cfg: float, schedule: lc.SwitchSchedule, windows=None) -> None:
+        """Regions do not apply: one adapter acts at a time, over the whole image."""
         if schedule.adapter_count != len(adapters):
             raise ValueError(f"the switch schedule is for {schedule.adapter_count} adapters, the stack has {len(adapters)}")
         self.schedule = schedule

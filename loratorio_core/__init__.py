@@ -21,6 +21,7 @@ from .loratorio import (
     weighted_sum,
 )
 from .patches import expand_patches, patch_cosine_similarity, patch_grid
+from .regions import Region, RegionMaps, region_maps, regional_mean, resize_mask, weighted_with_base
 from .schedule import FULL_WINDOW, StepWindow, active_adapters, budget_factor, switch_adapter
 from .switch import DEFAULT_TAU, SwitchSchedule, step_index
 from .tensors import classifier_free_guidance, denoised_to_noise, noise_to_denoised
@@ -38,6 +39,8 @@ __all__ = [
     "CompositeResult",
     "LoRAtorioParams",
     "LoRAtorioResult",
+    "Region",
+    "RegionMaps",
     "StepWindow",
     "SwitchSchedule",
     "TopKMode",
@@ -56,10 +59,14 @@ __all__ = [
     "patch_cosine_similarity",
     "patch_grid",
     "recentred_uncond",
+    "region_maps",
+    "regional_mean",
+    "resize_mask",
     "routing_weights",
     "softmin_weights",
     "step_index",
     "switch_adapter",
     "top_k_mask",
     "weighted_sum",
+    "weighted_with_base",
 ]

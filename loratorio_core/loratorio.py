@@ -30,11 +30,13 @@ Defaults for what the paper leaves open (all overridable):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
 
 from .patches import check_patch_size, expand_patches, patch_cosine_similarity
+from .regions import Region, region_maps, weighted_with_base
 from .tensors import check_latent, check_stack, classifier_free_guidance
 from .weights import TopKMode, check_temperature, check_top_k, check_top_k_mode, softmin_over_kept, top_k_mask
 
@@ -72,11 +74,20 @@ class LoRAtorioParams:
         return self.recentre_lambda < 1.0
 
 
-def routing_weights(adapter_conds: Tensor, base_cond: Tensor, params: LoRAtorioParams) -> Tensor:
-    """``Omega [N, B, 1, H, W]`` (float32) from noise-space cond predictions (steps 1 to 3)."""
+def routing_weights(
+    adapter_conds: Tensor, base_cond: Tensor, params: LoRAtorioParams, regions: Sequence[Region | None] | None = None
+) -> Tensor:
+    """``Omega [N, B, 1, H, W]`` (float32) from noise-space cond predictions (steps 1 to 3), within
+    the adapters' ``regions`` (see :mod:`.regions`; where they leave no adapter, Omega sums to 0)."""
     similarity = patch_cosine_similarity(adapter_conds, base_cond, params.patch_size)
     keep = None if params.top_k is None else top_k_mask(similarity, params.top_k, params.top_k_mode)
-    per_patch = softmin_over_kept(similarity, params.temperature, keep)  # params were checked when made
+    prior = None
+    if regions is not None and any(region is not None for region in regions):
+        batch, rows, cols = similarity.shape[1:]
+        maps = region_maps(regions, batch, rows, cols, similarity.device)
+        keep = maps.allowed if keep is None else keep & maps.allowed
+        prior = maps.prior
+    per_patch = softmin_over_kept(similarity, params.temperature, keep, prior)  # params were checked when made
     height, width = base_cond.shape[-2:]
     return expand_patches(per_patch, height, width, params.patch_size).unsqueeze(2)
 
@@ -87,11 +98,14 @@ def weighted_sum(weights: Tensor, predictions: Tensor) -> Tensor:
     return combined.to(predictions.dtype)
 
 
-def recentred_uncond(base_uncond: Tensor, adapter_unconds: Tensor | None, weights: Tensor, recentre_lambda: float) -> Tensor:
+def recentred_uncond(
+    base_uncond: Tensor, adapter_unconds: Tensor | None, weights: Tensor, recentre_lambda: float, regional: bool = False
+) -> Tensor:
     """``u~ = lambda * eps_0(u) + (1 - lambda) * sum_i Omega_i * eps_i(u)`` (step 5).
 
     With ``lambda = 1`` this is ``eps_0(u)`` and ``adapter_unconds`` may be None: the adapters'
-    unconditional rows need not be evaluated at all.
+    unconditional rows need not be evaluated at all. ``regional``: Omega may sum to less than 1
+    (regions), and the base uncond fills the rest of the adapters' share.
     """
     check_latent(base_uncond, "base_uncond")
     if recentre_lambda >= 1.0:
@@ -99,7 +113,7 @@ def recentred_uncond(base_uncond: Tensor, adapter_unconds: Tensor | None, weight
     if adapter_unconds is None:
         raise ValueError(f"recentre_lambda = {recentre_lambda} < 1 needs the adapters' unconditional predictions")
     check_stack(adapter_unconds, base_uncond, "adapter_unconds")
-    mixed = weighted_sum(weights, adapter_unconds)
+    mixed = weighted_with_base(weights, adapter_unconds, base_uncond) if regional else weighted_sum(weights, adapter_unconds)
     return (base_uncond * recentre_lambda + mixed * (1.0 - recentre_lambda)).to(base_uncond.dtype)
 
 

@@ -55,19 +55,26 @@ def softmin_weights(similarity: Tensor, temperature: float, keep: Tensor | None 
     return softmin_over_kept(similarity, temperature, keep)
 
 
-def softmin_over_kept(similarity: Tensor, temperature: float, keep: Tensor | None) -> Tensor:
+def softmin_over_kept(similarity: Tensor, temperature: float, keep: Tensor | None, prior: Tensor | None = None) -> Tensor:
     """:func:`softmin_weights` without its checks, for masks that keep an adapter everywhere by
-    construction (:func:`top_k_mask`'s): checking would read the mask back from the device."""
+    construction (:func:`top_k_mask`'s): checking would read the mask back from the device.
+
+    ``prior`` (``[N, ...]``, optional) is added to the scores as a log-prior (soft regions; it has
+    no effect at ``T = 0``). Where ``keep`` keeps no adapter (hard regions can) every weight is 0.
+    """
     s = similarity.to(SIMILARITY_DTYPE)
     keep = torch.ones_like(s, dtype=torch.bool) if keep is None else keep.expand_as(s)
     lowest = torch.where(keep, s, torch.full_like(s, math.inf)).amin(dim=0, keepdim=True)
     if temperature == 0:
         winners = (keep & (s == lowest)).to(SIMILARITY_DTYPE)
-        return winners / winners.sum(dim=0, keepdim=True)
+        return winners / winners.sum(dim=0, keepdim=True).clamp_min(1.0)
     # shifting by the lowest similarity keeps one score at 0, so a tiny T cannot
     # underflow every exponent of a position to zero
     scores = torch.zeros_like(s) if math.isinf(temperature) else -(s - lowest) / temperature
-    return torch.softmax(scores.masked_fill(~keep, -math.inf), dim=0)
+    if prior is not None:
+        scores = scores + prior
+    # a position that keeps no adapter is all -inf: softmax gives NaN there, which becomes 0
+    return torch.softmax(scores.masked_fill(~keep, -math.inf), dim=0).nan_to_num(0.0)
 
 
 def top_k_mask(similarity: Tensor, k: int, mode: TopKMode = "image") -> Tensor:

@@ -11,7 +11,7 @@ import logging
 
 LOG = logging.getLogger("comfyui-loratorio")
 
-NODE_MODULES = ("loaders", "schedule", "prompts", "merge", "guiders", "samplers")
+NODE_MODULES = ("loaders", "schedule", "regions", "prompts", "merge", "guiders", "samplers")
 
 
 def collect_node_modules(package: str, module_names: tuple[str, ...]) -> tuple[dict[str, type], dict[str, str], dict[str, str]]:

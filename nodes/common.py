@@ -26,13 +26,20 @@ class LoraStackEntry(NamedTuple):
 
 
 class LoraStack(list):
-    """A ``LORA_STACK`` that also carries the pack's per-LoRA step windows, by LoRA name. Other
-    packs see the plain list of ``(name, model, clip)`` rows they exchange; the windows ride along."""
+    """A ``LORA_STACK`` that also carries the pack's per-LoRA step windows and regions, by LoRA
+    name. Other packs see the plain list of ``(name, model, clip)`` rows they exchange; the
+    windows and regions ride along."""
 
-    def __init__(self, rows: Iterable[LoraStackEntry] = (), windows: Mapping[str, lc.StepWindow] | None = None) -> None:
+    def __init__(
+        self,
+        rows: Iterable[LoraStackEntry] = (),
+        windows: Mapping[str, lc.StepWindow] | None = None,
+        regions: Mapping[str, lc.Region] | None = None,
+    ) -> None:
         super().__init__(rows)
         names = {row[0] for row in self}
         self.windows: dict[str, lc.StepWindow] = {name: w for name, w in (windows or {}).items() if name in names}
+        self.regions: dict[str, lc.Region] = {name: r for name, r in (regions or {}).items() if name in names}
 
 
 def as_lora_stack(value: object) -> LoraStack:
@@ -53,7 +60,7 @@ def as_lora_stack(value: object) -> LoraStack:
         except (TypeError, ValueError):
             raise ValueError(f"LORA_STACK row {position} has non-numeric strengths: {row!r}") from None
         entries.append(LoraStackEntry(name, *(check_strength(name, strength) for strength in strengths)))
-    return LoraStack(entries, getattr(value, "windows", None))
+    return LoraStack(entries, getattr(value, "windows", None), getattr(value, "regions", None))
 
 
 def with_preview(images: object, result: tuple) -> dict:

@@ -23,7 +23,8 @@ class LoRAMerge:
     DESCRIPTION = (
         "The LoRA Merge baseline: adds every LoRA of the stack to the model at its strength, exactly as "
         "chaining ComfyUI's Load LoRA nodes would. Compare the composition samplers against it. Step windows "
-        "(LoRA Step Window) cannot apply here: merged weights act at every step, so they are ignored with a warning."
+        "(LoRA Step Window) and regions (LoRA Region Mask) cannot apply here: merged weights act at every step, "
+        "everywhere, so they are ignored with a warning."
     )
 
     @classmethod
@@ -40,11 +41,11 @@ class LoRAMerge:
         """What ``comfy.sd.load_lora_for_models`` does per LoRA, with the composition nodes' key map,
         strength bound and fit check, so Merge and the composition methods apply the same layers."""
         stack = as_lora_stack(lora_stack)
-        if stack.windows:
+        if stack.windows or stack.regions:
             LOG.warning(
-                "comfyui-loratorio: LoRA Merge ignores the step windows of %s: merged weights act at every step. "
-                "Use a composition sampler to honour them.",
-                ", ".join(stack.windows),
+                "comfyui-loratorio: LoRA Merge ignores the step windows and regions of %s: merged weights act at every "
+                "step, everywhere. Use a composition sampler to honour them.",
+                ", ".join({**stack.windows, **stack.regions}),
             )
         for entry in stack:
             clip_strength = entry.clip_strength if clip is not None else 0.0

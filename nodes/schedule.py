@@ -7,6 +7,15 @@ from ..loratorio_comfy.adapters import LoRAInputError
 from .common import CATEGORY, LORA_STACK, LoraStack, LoraStackEntry, as_lora_stack, tip
 
 
+def check_position(stack: LoraStack, lora_position: int) -> None:
+    if not 1 <= lora_position <= len(stack):
+        raise LoRAInputError(
+            f"lora_position is {lora_position}, but the stack holds {len(stack)} LoRA(s)"
+            + (f" ({', '.join(e.lora_name for e in stack)})" if stack else "")
+            + f"; set it between 1 and {max(1, len(stack))}."
+        )
+
+
 class LoRAStepWindow:
     """Limits one LoRA of a stack to a fraction of the sampling steps."""
 
@@ -38,17 +47,12 @@ class LoRAStepWindow:
 
     def set_window(self, lora_stack, lora_position: int, start: float, end: float) -> tuple[LoraStack]:
         stack = as_lora_stack(lora_stack)
-        if not 1 <= lora_position <= len(stack):
-            raise LoRAInputError(
-                f"lora_position is {lora_position}, but the stack holds {len(stack)} LoRA(s)"
-                + (f" ({', '.join(e.lora_name for e in stack)})" if stack else "")
-                + f"; set it between 1 and {max(1, len(stack))}."
-            )
+        check_position(stack, lora_position)
         try:
             window = lc.StepWindow(float(start), float(end))
         except ValueError as error:
             raise LoRAInputError(f"Step Window for '{stack[lora_position - 1].lora_name}': {error}") from None
-        return (LoraStack(stack, {**stack.windows, stack[lora_position - 1].lora_name: window}),)
+        return (LoraStack(stack, {**stack.windows, stack[lora_position - 1].lora_name: window}, stack.regions),)
 
 
 class LoRAStrengthBudget:
@@ -62,7 +66,7 @@ class LoRAStrengthBudget:
     DESCRIPTION = (
         "Keeps a stack from over-baking: when the absolute model strengths add up to more than total_strength, every "
         "strength (model and CLIP) is scaled by total_strength / sum, so 4 LoRAs at 0.6 with a budget of 1.6 run at "
-        "0.4 each. A stack within the budget passes unchanged. Step windows are kept."
+        "0.4 each. A stack within the budget passes unchanged. Step windows and regions are kept."
     )
 
     @classmethod
@@ -82,7 +86,7 @@ class LoRAStrengthBudget:
         except ValueError as error:
             raise LoRAInputError(f"Strength Budget: {error}") from None
         entries = [LoraStackEntry(e.lora_name, e.model_strength * factor, e.clip_strength * factor) for e in stack]
-        return (LoraStack(entries, stack.windows),)
+        return (LoraStack(entries, stack.windows, stack.regions),)
 
 
 NODE_CLASS_MAPPINGS = {"LoRAtorioStepWindow": LoRAStepWindow, "LoRAtorioStrengthBudget": LoRAStrengthBudget}
