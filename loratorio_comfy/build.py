@@ -12,6 +12,8 @@ from .guiders import LoRACompositeGuider, LoRASwitchGuider, LoRAtorioGuider
 from .weight_map_image import render_no_steps, render_weight_maps
 
 LOG = logging.getLogger("comfyui-loratorio")
+SINGLE_PASS = "single pass"
+ROUTING_MODES = ("every step", SINGLE_PASS)
 
 
 def check_cfg(cfg: float) -> float:
@@ -59,7 +61,13 @@ def loratorio_guider(
     top_k_mode,
     adapter_positive=None,
     adapter_negative=None,
+    routing="every step",
+    full_steps=3,
+    refresh_every=0,
 ):
+    if routing not in ROUTING_MODES:
+        raise LoRAInputError(f"routing is {routing!r}; use one of {', '.join(ROUTING_MODES)}")
+    routed = lc.RoutedSchedule(int(full_steps), int(refresh_every)) if routing == SINGLE_PASS else None
     params = lc.LoRAtorioParams(
         patch_size=patch_size,
         temperature=temperature,
@@ -68,7 +76,7 @@ def loratorio_guider(
         top_k_mode=top_k_mode,
     )
     adapters = _adapters(model, lora_stack)
-    guider = LoRAtorioGuider(model, adapters, check_cfg(cfg), params, _windows(lora_stack), _regions(lora_stack))
+    guider = LoRAtorioGuider(model, adapters, check_cfg(cfg), params, _windows(lora_stack), _regions(lora_stack), routed)
     guider.set_conds(positive, negative, adapter_positive, adapter_negative)
     return guider
 

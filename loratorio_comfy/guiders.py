@@ -22,7 +22,7 @@ import torch
 
 from .. import loratorio_core as lc
 from .adapter_set import AdapterSet
-from .row_lora import BASE_ROW, COND, ROW_MAP_KEY, UNCOND, apply_model_with_rows, row_layers_registered
+from .row_lora import BASE_ROW, COND, ROUTED_ROW, ROW_MAP_KEY, UNCOND, apply_model_with_rows, row_layers_registered, set_routing
 
 WRAPPER_KEY = "loratorio"
 POSITIVE, NEGATIVE = "positive", "negative"
@@ -97,6 +97,8 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
                 continue
             for index in range(len(self.adapters)):
                 conds[adapter_cond_name(name, index)] = conds[name] if given is None else given[index]
+        if getattr(self, "routed", None) is not None:  # the routed row: its own copy, for caches keyed by cond
+            conds[adapter_cond_name(POSITIVE, ROUTED_ROW)] = positive
         self.inner_set_conds(conds)
 
     @property
@@ -199,9 +201,24 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
 class LoRAtorioGuider(AdapterRowsGuider):
     """LoRAtorio: patch-wise SoftMin routing of the adapters' conds, re-centred CFG."""
 
-    def __init__(self, model_patcher, adapters: AdapterSet, cfg: float, params: lc.LoRAtorioParams, windows=None, regions=None):
-        self.params = params
+    def __init__(
+        self,
+        model_patcher,
+        adapters: AdapterSet,
+        cfg: float,
+        params: lc.LoRAtorioParams,
+        windows=None,
+        regions=None,
+        routed: lc.RoutedSchedule | None = None,
+    ):
+        """``routed``: the single-pass mode (see ``lc.RoutedSchedule``); None runs every adapter's rows every step."""
+        self.params, self.routed = params, routed
         super().__init__(model_patcher, adapters, cfg, windows, regions)
+        if routed is not None and routed.full_steps == 0 and self.regions_of(range(len(adapters))) is None:
+            raise ValueError(
+                "single-pass routing with 0 full steps takes its routing map from region masks, and no LoRA has one: "
+                "attach masks with LoRA Region Mask, or set full_steps to 1 or more"
+            )
         self.weight_history = lc.WeightMapHistory()
 
     def sample(self, *args, **kwargs):
@@ -209,6 +226,7 @@ class LoRAtorioGuider(AdapterRowsGuider):
         so recording them costs no device read per step."""
         self.weight_history.clear()
         self._unfiled_maps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._routing: torch.Tensor | None = None  # routed mode: the last full step's map, [B, N, H, W]
         try:
             return super().sample(*args, **kwargs)
         finally:
@@ -230,6 +248,10 @@ class LoRAtorioGuider(AdapterRowsGuider):
         return rows
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 - CFGGuider's signature
+        if self.routed is not None:
+            step = self.step_of(timestep, model_options)
+            if not self.routed.is_full(step):
+                return self._routed_step(x, timestep, model_options, self.active_at(step, model_options))
         active = self.active_adapters(timestep, model_options)
         n = len(active)
         with_uncond = self.needs_uncond(model_options)
@@ -246,6 +268,7 @@ class LoRAtorioGuider(AdapterRowsGuider):
         every_adapter = weights.new_zeros(len(self.adapters), *weights.shape[1:])
         every_adapter[list(active)] = weights
         self._file_weight_map(every_adapter, timestep, model_options)
+        self._routing = lc.routing_map(every_adapter)
         if regions is None:
             cond = lc.weighted_sum(weights, adapter_conds)
         else:  # where the regions leave no adapter, the base model's prediction
@@ -254,6 +277,22 @@ class LoRAtorioGuider(AdapterRowsGuider):
             adapter_unconds = torch.stack(out[1 + n : -1]) if self.params.needs_adapter_unconds else None
             uncond = lc.recentred_uncond(out[-1], adapter_unconds, weights, self.params.recentre_lambda, regions is not None)
         return self.guide(cond, uncond, x, timestep, model_options)
+
+    def _routed_step(self, x, timestep, model_options: dict, active: tuple[int, ...]) -> torch.Tensor:
+        """One routed cond row (each token gets its routed LoRAs' deltas) and the base uncond: 2 rows."""
+        routing = self._routing
+        if routing is None:  # full_steps = 0: the regions give the map
+            routing = lc.mask_routing(self.regions, x.shape[0], x.shape[-2], x.shape[-1], x.device)
+        inactive = [i for i in range(len(self.adapters)) if i not in active]
+        if inactive:  # LoRAs outside their step window: their share goes to the base model
+            routing = routing.clone()
+            routing[:, inactive] = 0
+        set_routing(self._run_id, routing)
+        with_uncond = self.needs_uncond(model_options)
+        rows = [(POSITIVE, ROUTED_ROW)] + ([(NEGATIVE, BASE_ROW)] if with_uncond else [])
+        out = self.evaluate(rows, x, timestep, model_options)
+        self._file_weight_map(routing.transpose(0, 1).unsqueeze(2), timestep, model_options)
+        return self.guide(out[0], out[1] if with_uncond else None, x, timestep, model_options)
 
     def _file_weight_map(self, weights: torch.Tensor, timestep: torch.Tensor, model_options: dict) -> None:
         kept = weights[:, : self.weight_history.sample + 1].detach()  # the sample the history keeps

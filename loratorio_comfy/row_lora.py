@@ -38,10 +38,12 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from .adapters import LowRankFactor
+from .token_routing import RoutedCall, conv_weights, token_grids, token_weights
 
 LOG = logging.getLogger("comfyui-loratorio")
 ROW_MAP_KEY = "loratorio_row_map"
 BASE_ROW = -1
+ROUTED_ROW = -2  # a row whose tokens each get their routed adapters' deltas (see .token_routing)
 COND, UNCOND = 0, 1  # what ComfyUI's own cond_or_uncond values mean, and what patches expect
 MAX_CACHED_PLANS = 16
 
@@ -62,6 +64,16 @@ class LowRankGroup:
 
     def to(self, device: torch.device, dtype: torch.dtype) -> LowRankGroup:
         return LowRankGroup(self.adapters, self.down.to(device, dtype), self.up.to(device, dtype), self.start, self.size)
+
+    @functools.cached_property
+    def joined_down(self) -> torch.Tensor:
+        """``[n * R, in...]``: every adapter's down, one after another (routed rows)."""
+        return self.down.reshape(-1, *self.down.shape[2:])
+
+    @functools.cached_property
+    def joined_up(self) -> torch.Tensor:
+        """``[size, n * R]``, matching :attr:`joined_down`."""
+        return self.up.permute(1, 0, 2).reshape(self.size, -1)
 
 
 @dataclass(frozen=True)
@@ -146,6 +158,7 @@ class RowPlan:
         self.rows, self.device = rows, device
         self._groups: dict[tuple[int, ...], GroupRows] = {}
         self._members: dict[int, torch.Tensor | None] = {}
+        self.routed = tuple((start, stop) for start, stop, _ in runs_of([i for i, a in enumerate(rows) if a == ROUTED_ROW]))
 
     @property
     def batch(self) -> int:
@@ -218,7 +231,16 @@ class RowLayers:
         return sum(layer.numel() for layer in self.layers.values())
 
 
-_RUNS: dict[int, RowLayers] = {}
+@dataclass
+class RunState:
+    """What the per-call wrapper finds for a run: its deltas, and the routing map of its routed
+    rows (``[B, N, H, W]`` at the latent's size; set by the guider before such rows are evaluated)."""
+
+    layers: RowLayers
+    routing: torch.Tensor | None = None
+
+
+_RUNS: dict[int, RunState] = {}
 _RUN_IDS = itertools.count()
 
 
@@ -226,18 +248,25 @@ _RUN_IDS = itertools.count()
 def row_layers_registered(layers: RowLayers) -> Iterator[int]:
     """Make ``layers`` findable by the per-call wrapper for the duration of a run; yields its id."""
     run_id = next(_RUN_IDS)
-    _RUNS[run_id] = layers
+    _RUNS[run_id] = RunState(layers)
     try:
         yield run_id
     finally:
         del _RUNS[run_id]
 
 
+def set_routing(run_id: int, weights: torch.Tensor | None) -> None:
+    """The routing map ``[B, N, H, W]`` the run's routed rows use from now on."""
+    _RUNS[run_id].routing = weights
+
+
 class RowLoRAHook:
     """The forward hook of one layer for one forward: adds each row's adapter delta to the output."""
 
-    def __init__(self, module: torch.nn.Module, name: str, layers: RowLayers, plan: RowPlan) -> None:
-        self.name, self.layers, self.plan = name, layers, plan
+    def __init__(
+        self, module: torch.nn.Module, name: str, layers: RowLayers, plan: RowPlan, routed: RoutedCall | None = None
+    ) -> None:
+        self.name, self.layers, self.plan, self.routed = name, layers, plan, routed
         self.conv = isinstance(module, torch.nn.modules.conv._ConvNd)
         if self.conv:
             self.conv_args = {"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
@@ -260,7 +289,31 @@ class RowLoRAHook:
             if rows is not None:
                 added = self._dense(x.index_select(0, rows), delta, output.shape)
                 output.index_add_(0, rows, added.to(output.dtype))
+        for start, stop in plan.routed:
+            self._add_routed(x[start:stop], output[start:stop], layer)
         return output
+
+    def _add_routed(self, x: torch.Tensor, output: torch.Tensor, layer: LayerDeltas) -> None:
+        """Routed rows: ``output += sum_i w_i(token) * f(x; dW_i)`` (see :mod:`.token_routing`)."""
+        call = self.routed
+        if call is None:
+            raise RuntimeError("comfyui-loratorio: a routed row arrived without a routing map")
+        for group in layer.low_rank:
+            rank = group.down.shape[1]
+            channels = slice(group.start, group.start + group.size)
+            if self.conv and x.ndim == 4:
+                hidden = self.conv_nd(x, group.joined_down, **self.conv_args)
+                hidden = hidden * conv_weights(call, hidden.shape, group.adapters).to(x.dtype).repeat_interleave(rank, dim=1)
+                output[:, channels].add_(torch.einsum("bkhw,ok->bohw", hidden, group.joined_up).to(output.dtype))
+            elif not self.conv:
+                weights = token_weights(call, self.name, x, group.adapters).to(x.dtype).repeat_interleave(rank, dim=-1)
+                output[..., channels].add_(((x @ group.joined_down.T) * weights @ group.joined_up.T).to(output.dtype))
+            else:
+                raise RuntimeError(f"comfyui-loratorio: routed rows do not support the {x.ndim - 2}-d convolution {self.name}")
+        for adapter, delta in layer.dense.items():
+            added = self._dense(x, delta, output.shape)
+            weights = conv_weights(call, added.shape, (adapter,)) if self.conv else token_weights(call, self.name, x, (adapter,))
+            output.add_((added * weights.to(added.dtype)).to(output.dtype))
 
     def _dense(self, x: torch.Tensor, delta: DenseDelta, out_shape: torch.Size) -> torch.Tensor:
         if delta.weight is None:  # a bias-only patch: the bias broadcast over every output position
@@ -297,13 +350,15 @@ class RowLoRAHook:
 
 
 @contextlib.contextmanager
-def row_loras_installed(diffusion_model: torch.nn.Module, layers: RowLayers, plan: RowPlan) -> Iterator[None]:
+def row_loras_installed(
+    diffusion_model: torch.nn.Module, layers: RowLayers, plan: RowPlan, routed: RoutedCall | None = None
+) -> Iterator[None]:
     """Hooks with ``plan`` on the layers of ``diffusion_model`` for the duration of the block, always removed."""
     handles = []
     try:
         for name in layers.layers:
             module = diffusion_model.get_submodule(name)
-            handles.append(module.register_forward_hook(RowLoRAHook(module, name, layers, plan)))
+            handles.append(module.register_forward_hook(RowLoRAHook(module, name, layers, plan, routed)))
         yield
     finally:
         for handle in handles:
@@ -339,16 +394,31 @@ def apply_model_with_rows(executor, x, t, c_concat=None, c_crossattn=None, contr
     row_map = options.get(ROW_MAP_KEY)
     if row_map is None:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    layers = _RUNS.get(row_map["run"])
-    if layers is None:
+    state = _RUNS.get(row_map["run"])
+    if state is None:
         raise RuntimeError("comfyui-loratorio: a model call arrived after its sampling run ended")
     rows = rows_for_forward(row_map["rows"], options["cond_or_uncond"], x.shape[0])
     semantic_options = with_semantic_chunks(options, row_map)
     if all(row == BASE_ROW for row in rows):
         return executor(x, t, c_concat, c_crossattn, control, semantic_options, **kwargs)
-    plan = layers.plan(rows, x.device)
-    with eager_diffusion_model(executor.class_obj) as diffusion_model, row_loras_installed(diffusion_model, layers, plan):
-        return executor(x, t, c_concat, c_crossattn, control, semantic_options, **kwargs)
+    plan = state.layers.plan(rows, x.device)
+    with eager_diffusion_model(executor.class_obj) as diffusion_model:
+        routed = routed_call(state, plan, diffusion_model, x) if plan.routed else None
+        with row_loras_installed(diffusion_model, state.layers, plan, routed):
+            return executor(x, t, c_concat, c_crossattn, control, semantic_options, **kwargs)
+
+
+def routed_call(state: RunState, plan: RowPlan, diffusion_model: torch.nn.Module, x: torch.Tensor) -> RoutedCall:
+    """The routing of this call's routed rows: the run's map, one copy per routed chunk of the batch."""
+    if state.routing is None:
+        raise RuntimeError("comfyui-loratorio: a routed row arrived before any routing map was set")
+    routed_rows = sum(stop - start for start, stop in plan.routed)
+    samples = state.routing.shape[0]
+    if routed_rows % samples:
+        raise RuntimeError(f"comfyui-loratorio: {routed_rows} routed rows for a routing map of {samples} samples")
+    weights = state.routing.to(x.device).repeat(routed_rows // samples, 1, 1, 1)
+    grids, joint = token_grids(diffusion_model, x.shape[-2], x.shape[-1])
+    return RoutedCall(weights, grids, joint)
 
 
 @contextlib.contextmanager

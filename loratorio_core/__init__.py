@@ -22,6 +22,7 @@ from .loratorio import (
 )
 from .patches import expand_patches, patch_cosine_similarity, patch_grid
 from .regions import Region, RegionMaps, region_maps, regional_mean, resize_mask, weighted_with_base
+from .routed import RoutedSchedule, mask_routing, routing_map
 from .schedule import FULL_WINDOW, StepWindow, active_adapters, budget_factor, switch_adapter
 from .switch import DEFAULT_TAU, SwitchSchedule, step_index
 from .tensors import classifier_free_guidance, denoised_to_noise, noise_to_denoised
@@ -41,6 +42,7 @@ __all__ = [
     "LoRAtorioResult",
     "Region",
     "RegionMaps",
+    "RoutedSchedule",
     "StepWindow",
     "SwitchSchedule",
     "TopKMode",
@@ -55,6 +57,7 @@ __all__ = [
     "expand_patches",
     "lora_composite",
     "loratorio",
+    "mask_routing",
     "noise_to_denoised",
     "patch_cosine_similarity",
     "patch_grid",
@@ -62,6 +65,7 @@ __all__ = [
     "region_maps",
     "regional_mean",
     "resize_mask",
+    "routing_map",
     "routing_weights",
     "softmin_weights",
     "step_index",

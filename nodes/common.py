@@ -10,6 +10,7 @@ import nodes as comfy_nodes
 
 from .. import loratorio_core as lc
 from ..loratorio_comfy.adapters import check_strength
+from ..loratorio_comfy.build import ROUTING_MODES
 
 CATEGORY = "loratorio"
 LORA_STACK = "LORA_STACK"
@@ -125,6 +126,28 @@ def loratorio_inputs() -> dict[str, tuple]:
         "top_k_mode": (
             list(lc.TOP_K_MODES),
             tip("Rank adapters per image or separately in every patch.", default=lc.DEFAULT_TOP_K_MODE),
+        ),
+    }
+
+
+def routing_inputs() -> dict[str, tuple]:
+    """LoRAtorio's single-pass routed mode (optional inputs: workflows saved without them keep loading)."""
+    return {
+        "routing": (
+            list(ROUTING_MODES),
+            tip(
+                "every step: every LoRA's rows at every step (the paper). single pass: full steps build a routing map, "
+                "the other steps run ONE row whose image tokens each get their routed LoRAs (2 rows, whatever N).",
+                default=ROUTING_MODES[0],
+            ),
+        ),
+        "full_steps": (
+            "INT",
+            tip("single pass: the first steps that run every LoRA's rows; 0 takes the map from region masks.", default=3, min=0),
+        ),
+        "refresh_every": (
+            "INT",
+            tip("single pass: after the first full steps, every n-th step is full again (0 = never).", default=0, min=0),
         ),
     }
 

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from ..loratorio_comfy import build
-from .common import CATEGORY, adapter_prompt_inputs, as_lora_stack, composition_inputs, loratorio_inputs, tip, with_preview
+from .common import (
+    CATEGORY,
+    adapter_prompt_inputs,
+    as_lora_stack,
+    composition_inputs,
+    loratorio_inputs,
+    routing_inputs,
+    tip,
+    with_preview,
+)
 
 GUIDER_CATEGORY = f"{CATEGORY}/guiders"
 
@@ -19,7 +28,10 @@ class LoRAtorioGuiderNode:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {**composition_inputs(), **loratorio_inputs()}, "optional": adapter_prompt_inputs()}
+        return {
+            "required": {**composition_inputs(), **loratorio_inputs()},
+            "optional": {**adapter_prompt_inputs(), **routing_inputs()},
+        }
 
     def get_guider(self, model, positive, negative, lora_stack, cfg, **params):
         return (build.loratorio_guider(model, positive, negative, as_lora_stack(lora_stack), cfg, **params),)

@@ -11,6 +11,7 @@ from .common import (
     composition_inputs,
     ksampler_inputs,
     loratorio_inputs,
+    routing_inputs,
     with_preview,
 )
 from .guiders import tau_input
@@ -37,7 +38,7 @@ class LoRAtorioSampler:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {**composition_inputs(), **ksampler_inputs(), **loratorio_inputs()},
-            "optional": adapter_prompt_inputs(),
+            "optional": {**adapter_prompt_inputs(), **routing_inputs()},
         }
 
     def sample(self, model, positive, negative, lora_stack, cfg, latent_image, **values):

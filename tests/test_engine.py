@@ -23,33 +23,12 @@ from support.engine_helpers import (
     comfy_conditioning,
     make_guider,
     merged_prediction,
+    row_predictions,
     run_sampler,
     snapshot,
 )
 from support.lora_files import KEY_STYLES, LYCORIS_KINDS, write_lora, write_lycoris, write_peft
 from support.tiny_models import FAMILIES, conditioning, latent
-
-
-def row_predictions(engine, patcher, family: str, adapters, row_map: tuple[int, ...]) -> list[torch.Tensor]:
-    """One forward whose rows carry the adapters of ``row_map`` (-1 = base), through the APPLY_MODEL wrapper."""
-    rows = len(row_map)
-    comfy.model_management.load_models_gpu([patcher])  # as sampling does: this patcher's weights, not another clone's
-    with engine.row_lora.row_layers_registered(adapters.row_layers) as run_id:
-        row_plan = {
-            "run": run_id,
-            "rows": row_map,
-            "kinds": (0,) * rows,
-        }
-        options = {engine.row_lora.ROW_MAP_KEY: row_plan, "cond_or_uncond": list(range(rows))}
-        comfy.patcher_extension.add_wrapper_with_key(
-            comfy.patcher_extension.WrappersMP.APPLY_MODEL, "loratorio", engine.row_lora.apply_model_with_rows, options
-        )
-        kwargs = {k: v.repeat(rows, *([1] * (v.ndim - 1))) for k, v in conditioning(family).items()}
-        x = latent(family).repeat(rows, 1, 1, 1)
-        with torch.no_grad():
-            out = patcher.model.apply_model(x, torch.tensor([2.0] * rows), transformer_options=options, **kwargs)
-    assert_no_hooks_left(patcher)
-    return list(out.chunk(rows))
 
 
 @pytest.mark.parametrize("style", KEY_STYLES)

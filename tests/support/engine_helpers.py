@@ -84,3 +84,31 @@ def merged_prediction(patcher, family: str, lora: dict, strength: float) -> torc
         out = merged.model.apply_model(latent(family), torch.tensor([2.0]), **conditioning(family))
     comfy.model_management.unload_all_models()
     return out
+
+
+def row_predictions(engine, patcher, family: str, adapters, row_map: tuple[int, ...], routing=None) -> list[torch.Tensor]:
+    """One forward whose rows carry the adapters of ``row_map`` (-1 = base, -2 = routed by ``routing``
+    ``[1, N, H, W]``), through the APPLY_MODEL wrapper."""
+    import comfy.model_management
+    import comfy.patcher_extension
+
+    rows = len(row_map)
+    comfy.model_management.load_models_gpu([patcher])  # as sampling does: this patcher's weights, not another clone's
+    with engine.row_lora.row_layers_registered(adapters.row_layers) as run_id:
+        if routing is not None:
+            engine.row_lora.set_routing(run_id, routing)
+        row_plan = {
+            "run": run_id,
+            "rows": row_map,
+            "kinds": (0,) * rows,
+        }
+        options = {engine.row_lora.ROW_MAP_KEY: row_plan, "cond_or_uncond": list(range(rows))}
+        comfy.patcher_extension.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.APPLY_MODEL, "loratorio", engine.row_lora.apply_model_with_rows, options
+        )
+        kwargs = {k: v.repeat(rows, *([1] * (v.ndim - 1))) for k, v in conditioning(family).items()}
+        x = latent(family).repeat(rows, 1, 1, 1)
+        with torch.no_grad():
+            out = patcher.model.apply_model(x, torch.tensor([2.0] * rows), transformer_options=options, **kwargs)
+    assert_no_hooks_left(patcher)
+    return list(out.chunk(rows))

@@ -1,0 +1,91 @@
+"""Token-level routing for a single routed row: every image token of every targeted layer gets
+its routed adapters' deltas, weighted by a routing map (LoRAtorio's single-pass mode).
+
+With routing weights ``w_i(t)`` for token ``t`` (``sum_i w_i <= 1``; the rest is the base
+model), a routed row's layer output is ``y + sum_i w_i(t) * f(x_t; dW_i)``. For low-rank deltas
+this is ONE low-rank product of rank ``sum_i R_i``: ``((x @ [down_1; ...; down_N]^T) * w) @
+[up_1 ... up_N]^T``, with each adapter's weight repeated over its ranks.
+
+Which tokens are image tokens, and on which grid: a layer's input ``[B, T, C]`` is spatial when
+``T`` is the token count of the latent at one of the model's resolutions (UNets: the latent
+halved 0 to 4 times; DiTs: the latent in ``patch x patch`` tokens), and a joint layer (Flux's
+single blocks) holds text tokens first and the image tokens last. Convolutions are spatial at
+their output size. Every other input (text tokens: the cross-attention K/V of UNets, the text
+stream of SD3 and Flux; per-sample vectors: time and pooled embeddings) gets each adapter's mean
+weight over the image: the text K/V of a routed row is the weighted blend of the adapters' K/V,
+not chosen per image query (what this drops is measured against full LoRAtorio in the README).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+TEXT_STREAM_MARKERS = ("attn2.to_k", "attn2.to_v", "txt", "context_block", "context_embedder")
+
+
+@dataclass
+class RoutedCall:
+    """The routing of one model call: ``weights [R, N, H, W]`` for its ``R`` routed rows at the
+    latent's size, the image-token grids the model may use, and resized copies made during the call."""
+
+    weights: torch.Tensor
+    grids: tuple[tuple[int, int], ...]
+    joint_grid: tuple[int, int] | None  # DiTs: the one grid whose tokens may follow text tokens
+    _resized: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    def on_grid(self, height: int, width: int) -> torch.Tensor:
+        """``[R, N, height, width]`` by area averaging (cached for the call)."""
+        cached = self._resized.get((height, width))
+        if cached is None:
+            source = self.weights
+            cached = source if source.shape[-2:] == (height, width) else F.interpolate(source, size=(height, width), mode="area")
+            self._resized[(height, width)] = cached
+        return cached
+
+    def mean(self) -> torch.Tensor:
+        """``[R, N]``: each adapter's mean weight over the image."""
+        return self.weights.mean(dim=(-2, -1))
+
+
+def token_grids(
+    diffusion_model: torch.nn.Module, height: int, width: int
+) -> tuple[tuple[tuple[int, int], ...], tuple[int, int] | None]:
+    """The image-token grids of a model at a latent of ``height x width``, and its joint grid (DiTs)."""
+    patch = getattr(diffusion_model, "patch_size", None)
+    if isinstance(patch, (tuple, list)):
+        patch = patch[-1]
+    if isinstance(patch, int) and patch >= 1:
+        grid = (math.ceil(height / patch), math.ceil(width / patch))
+        return (grid,), grid
+    grids, h, w = [], height, width
+    for _ in range(5):
+        grids.append((h, w))
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return tuple(grids), None
+
+
+def token_weights(call: RoutedCall, module_name: str, x: torch.Tensor, adapters: tuple[int, ...]) -> torch.Tensor:
+    """Weights of ``adapters`` for every token of a linear layer's input ``x [R, T, C]`` (or ``[R, C]``):
+    ``[R, T, n]`` (or ``[R, n]``)."""
+    mean = call.mean()[:, list(adapters)]
+    if x.ndim != 3 or any(marker in module_name for marker in TEXT_STREAM_MARKERS):
+        return mean if x.ndim == 2 else mean.unsqueeze(1).expand(-1, x.shape[1], -1)
+    tokens = x.shape[1]
+    for height, width in call.grids:
+        if tokens == height * width:
+            return call.on_grid(height, width)[:, list(adapters)].flatten(2).transpose(1, 2)
+    joint = call.joint_grid
+    if joint is not None and tokens > joint[0] * joint[1]:  # text tokens first, then the image's
+        image = call.on_grid(*joint)[:, list(adapters)].flatten(2).transpose(1, 2)
+        text = mean.unsqueeze(1).expand(-1, tokens - image.shape[1], -1)
+        return torch.cat([text, image], dim=1)
+    return mean.unsqueeze(1).expand(-1, tokens, -1)
+
+
+def conv_weights(call: RoutedCall, out_shape: torch.Size, adapters: tuple[int, ...]) -> torch.Tensor:
+    """``[R, n, H', W']`` at a convolution's output size."""
+    return call.on_grid(out_shape[-2], out_shape[-1])[:, list(adapters)]

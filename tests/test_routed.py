@@ -1,0 +1,127 @@
+"""LoRAtorio's single-pass routed mode: token-level gating on the per-row engine, and its 2-row steps."""
+
+from __future__ import annotations
+
+import comfy.utils
+import pytest
+import torch
+
+import loratorio_core as lc
+from support.engine_helpers import STEPS, ForwardCounter, make_guider, merged_prediction, row_predictions, run_sampler
+from support.lora_files import write_lora
+from support.tiny_models import FAMILIES, latent
+
+
+def one_hot_routing(family: str, adapters: int, chosen: int) -> torch.Tensor:
+    height, width = latent(family).shape[-2:]
+    routing = torch.zeros(1, adapters, height, width)
+    routing[:, chosen] = 1.0
+    return routing
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_routed_row_routed_wholly_to_one_lora_is_that_loras_row(engine, family, tiny_model_factory, loras_folder):
+    """Every targeted layer of every family (image tokens on each grid, text tokens, vectors, convs)
+    gives a routed row, routed to one LoRA everywhere, exactly that LoRA's delta."""
+    patcher = tiny_model_factory(family)
+    style = "kohya" if family in ("sd15", "sdxl") else "comfy"
+    files = [write_lora(loras_folder / f"routed{i}.safetensors", family, patcher.model, style, seed=40 + i) for i in range(2)]
+    adapters = engine.adapter_set.AdapterSet(patcher, [(f.name, 0.9) for f in files])
+    for chosen in (0, 1):
+        routed, own = row_predictions(engine, patcher, family, adapters, (-2, chosen), one_hot_routing(family, 2, chosen))
+        torch.testing.assert_close(routed, own, rtol=1e-5, atol=1e-5 * own.abs().max().item())
+    expected = merged_prediction(patcher, family, comfy.utils.load_torch_file(str(files[1]), safe_load=True), 0.9)
+    torch.testing.assert_close(own, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_token_gating_follows_the_map(engine, tiny_model_factory, loras_folder):
+    """Left half to LoRA 0 and right half to LoRA 1: a routed row is neither LoRA's row, and a
+    map of zeros (every token to the base model) gives the base row."""
+    patcher = tiny_model_factory("sd15")
+    files = [write_lora(loras_folder / f"gate{i}.safetensors", "sd15", patcher.model, "kohya", seed=50 + i) for i in range(2)]
+    adapters = engine.adapter_set.AdapterSet(patcher, [(f.name, 1.0) for f in files])
+    routing = torch.zeros(1, 2, 16, 16)
+    routing[:, 0, :, :8] = 1.0
+    routing[:, 1, :, 8:] = 1.0
+    routed, first, second = row_predictions(engine, patcher, "sd15", adapters, (-2, 0, 1), routing)
+    assert not torch.allclose(routed, first, atol=1e-3) and not torch.allclose(routed, second, atol=1e-3)
+    # the left half leans on LoRA 0, the right half on LoRA 1
+    left_error = ((routed - first)[..., :8].abs().mean(), (routed - second)[..., :8].abs().mean())
+    right_error = ((routed - first)[..., 8:].abs().mean(), (routed - second)[..., 8:].abs().mean())
+    assert left_error[0] < left_error[1] and right_error[1] < right_error[0]
+    nothing, base = row_predictions(engine, patcher, "sd15", adapters, (-2, -1), torch.zeros(1, 2, 16, 16))
+    torch.testing.assert_close(nothing, base, rtol=1e-5, atol=1e-6)
+
+
+def test_token_weights_use_the_right_grid():
+    from comfyui_loratorio.loratorio_comfy.token_routing import RoutedCall, token_grids, token_weights
+
+    unet = torch.nn.Module()
+    grids, joint = token_grids(unet, 15, 9)
+    assert grids[:3] == ((15, 9), (8, 5), (4, 3)) and joint is None
+    routing = torch.zeros(1, 2, 15, 9)
+    routing[:, 0, :, :4] = 1.0
+    call = RoutedCall(routing, grids, joint)
+    spatial = token_weights(call, "input_blocks.1.1.transformer_blocks.0.attn1.to_q", torch.zeros(1, 40, 8), (0, 1))
+    assert spatial.shape == (1, 40, 2) and spatial[0, :, 0].unique().numel() > 1
+    text = token_weights(call, "input_blocks.1.1.transformer_blocks.0.attn2.to_k", torch.zeros(1, 40, 8), (0,))
+    assert torch.allclose(text, torch.full((1, 40, 1), 4 / 9)), "text tokens get the adapter's mean weight"
+    dit = torch.nn.Module()
+    dit.patch_size = 2
+    grids, joint = token_grids(dit, 8, 8)
+    assert grids == ((4, 4),) and joint == (4, 4)
+    joint_weights = token_weights(
+        RoutedCall(torch.ones(1, 1, 8, 8), grids, joint), "single_blocks.0.linear1", torch.zeros(1, 20, 4), (0,)
+    )
+    assert joint_weights.shape == (1, 20, 1)
+
+
+@pytest.fixture
+def stack(tiny_model_factory, loras_folder):
+    model = tiny_model_factory("sd15").model
+    return [
+        (write_lora(loras_folder / f"s{i}.safetensors", "sd15", model, "kohya", seed=60 + i).name, 1.0, 1.0) for i in range(3)
+    ]
+
+
+def test_single_pass_runs_two_rows_on_routed_steps(engine, tiny_model_factory, stack):
+    patcher = tiny_model_factory("sd15")
+    guider = make_guider(engine, "loratorio", patcher, stack, routing="single pass", full_steps=1, refresh_every=0)
+    with ForwardCounter(patcher) as counter:
+        out = run_sampler(engine, guider)["samples"]
+    assert counter.rows == [2 + 2 * len(stack)] + [2] * (STEPS - 1)
+    assert torch.isfinite(out).all()
+    assert guider.weight_history.maps().shape[0] == STEPS, "routed steps show the map they used"
+    every_step = run_sampler(engine, make_guider(engine, "loratorio", patcher, stack))["samples"]
+    assert not torch.allclose(out, every_step, atol=1e-4)
+
+
+def test_single_pass_with_only_full_steps_is_loratorio(engine, tiny_model_factory, stack):
+    patcher = tiny_model_factory("sd15")
+    all_full = make_guider(engine, "loratorio", patcher, stack, routing="single pass", full_steps=STEPS)
+    every_step = make_guider(engine, "loratorio", patcher, stack)
+    torch.testing.assert_close(run_sampler(engine, all_full)["samples"], run_sampler(engine, every_step)["samples"])
+
+
+def test_single_pass_from_masks_alone(engine, pack, tiny_model_factory, stack):
+    patcher = tiny_model_factory("sd15")
+    with pytest.raises(ValueError, match="region masks"):
+        make_guider(engine, "loratorio", patcher, stack, routing="single pass", full_steps=0)
+    left = torch.zeros(1, 64, 64)
+    left[..., :32] = 1.0
+    node = pack.NODE_CLASS_MAPPINGS["LoRAtorioRegionMask"]()
+    (regional,) = node.set_region(stack[:2], 1, left, "hard", 4.0)
+    (regional,) = node.set_region(regional, 2, 1.0 - left, "hard", 4.0)
+    guider = make_guider(engine, "loratorio", patcher, regional, routing="single pass", full_steps=0)
+    with ForwardCounter(patcher) as counter:
+        out = run_sampler(engine, guider)["samples"]
+    assert counter.rows == [2] * STEPS and torch.isfinite(out).all()
+    maps = guider.weight_history.maps()
+    assert torch.all(maps[:, 0, :, 8:] == 0) and torch.all(maps[:, 1, :, :8] == 0)
+
+
+def test_routed_schedule_rules():
+    schedule = lc.RoutedSchedule(full_steps=2, refresh_every=3)
+    assert [schedule.is_full(step) for step in range(9)] == [True, True, False, False, True, False, False, True, False]
+    with pytest.raises(ValueError, match="full_steps"):
+        lc.RoutedSchedule(full_steps=-1)
