@@ -97,10 +97,7 @@ def eval_prompt(elements: list[tuple[str, str, tuple[str, ...]]]) -> str:
     ]
     return (
         "Two text-to-image models were asked to compose several elements into one image. Compare their images. "
-        "The elements, each with its key features:\n\n"
-        + "\n".join(lines)
-        + "\n\n"
-        + CRITERIA
+        "The elements, each with its key features:\n\n" + "\n".join(lines) + "\n\n" + CRITERIA
     )
 
 
