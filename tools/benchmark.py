@@ -246,6 +246,11 @@ class Bench:
             return build.loratorio_guider(
                 self.patcher, self.positive, self.negative, stack, cfg, recentre_lambda=1.0, **loratorio
             )
+        if method == "loratorio-routed":  # single pass: step 0 full, then one routed row + the base uncond
+            return build.loratorio_guider(
+                self.patcher, self.positive, self.negative, stack, cfg, recentre_lambda=0.5, **loratorio,
+                routing="single pass", full_steps=1, refresh_every=0,
+            )  # fmt: skip
         if method == "loratorio-dynamic":
             return build.loratorio_guider(
                 self.patcher, self.positive, self.negative, stack, cfg, recentre_lambda=1.0, **{**loratorio, "top_k": 3}
@@ -335,7 +340,8 @@ class Bench:
 
 def rows_for(method: str, n: int) -> int:
     return {
-        "loratorio": 2 + 2 * n, "loratorio-lambda1": 2 + n, "loratorio-dynamic": 2 + n, "composite": 2 * n, "switch": 2,
+        "loratorio": 2 + 2 * n, "loratorio-lambda1": 2 + n, "loratorio-dynamic": 2 + n, "loratorio-routed": 2,
+        "composite": 2 * n, "switch": 2,
         "hooks": 2 * n, "naive-remerge": 2 * n, "merge": 2,
     }[method]  # fmt: skip
 
@@ -436,7 +442,9 @@ def main() -> int:
     parser.add_argument("--adapters", default="1,2,3,4,5", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--pools", default="8,16", type=lambda s: [int(x) for x in s.split(",") if x])
     parser.add_argument(
-        "--methods", default="loratorio,loratorio-lambda1,composite,switch,hooks,naive-remerge,merge", type=lambda s: s.split(",")
+        "--methods",
+        default="loratorio,loratorio-lambda1,loratorio-routed,composite,switch,hooks,naive-remerge,merge",
+        type=lambda s: s.split(","),
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help="LoRA rank of every adapter")
