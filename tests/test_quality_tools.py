@@ -129,7 +129,7 @@ def test_harness_uses_the_frozen_settings_and_the_defaults_for_untuned_methods(t
     settings, source = harness.frozen_settings()
     assert settings["merge"] == {"cfg": 5.0, "strength": 0.5}
     assert settings["loratorio"] == harness.DEFAULT_SETTINGS["loratorio"]
-    assert "not tuned, for switch, composite, loratorio" in source
+    assert "not tuned, for switch, composite, loratorio, loratorio-routed" in source
 
 
 def test_compare_flags_only_means_beyond_the_tolerance():

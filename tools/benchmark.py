@@ -80,6 +80,7 @@ class Result:
     first_step_seconds: float | None = None  # from building the guider to the first step's callback
     first_run_vs_ksampler: float | None = None
     first_step_vs_ksampler: float | None = None
+    whole_run_vs_ksampler: float | None = None  # warm, --whole-run-steps steps
 
 
 class PeakMemory:
@@ -229,7 +230,7 @@ class Bench:
 
         return [LORA_FILES.load(lora_path(name), name) for name in self.lora_names[:n]]
 
-    def guider(self, method: str, n: int):
+    def guider(self, method: str, n: int, routed_full_steps: int = 1):
         import comfy.samplers
         import nodes as comfy_nodes
         from comfyui_loratorio.loratorio_comfy import build
@@ -249,7 +250,7 @@ class Bench:
         if method == "loratorio-routed":  # single pass: step 0 full, then one routed row + the base uncond
             return build.loratorio_guider(
                 self.patcher, self.positive, self.negative, stack, cfg, recentre_lambda=0.5, **loratorio,
-                routing="single pass", full_steps=1, refresh_every=0,
+                routing="single pass", full_steps=routed_full_steps, refresh_every=0,
             )  # fmt: skip
         if method == "loratorio-dynamic":
             return build.loratorio_guider(
@@ -305,6 +306,12 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
+
+    def whole_run_seconds(self, method: str, n: int, steps: int) -> float:
+        """A warm whole run of ``steps`` steps (single pass: 3 full steps, the node's default)."""
+        guider = self.guider(method, n, routed_full_steps=3)
+        self.sample_seconds(guider, STEPS_SHORT)  # warm-up
+        return statistics.median(self.sample_seconds(guider, steps) for _ in range(self.options.repeats))
 
     def measure(self, method: str, n: int, rows: int) -> Result:
         first_run, first_step = self.cold_run(method, n) if not method.startswith("floor-") else (None, None)
@@ -366,6 +373,7 @@ def run(options: argparse.Namespace, save) -> list[Result]:
 
         ksampler = bench.cold_run("ksampler", 0)  # plain KSampler on the base model, the same way
         print(f"  {bench.name} plain KSampler: first run {ksampler[0]:.2f} s, first step {ksampler[1]:.2f} s", flush=True)
+        whole_ksampler = bench.whole_run_seconds("ksampler", 0, options.whole_run_steps) if options.whole_run_steps else 0.0
         plan = [(m, n) for n in options.adapters for m in options.methods]
         plan += [("loratorio-dynamic", m) for m in options.pools]
         for method, n in plan:
@@ -374,6 +382,8 @@ def run(options: argparse.Namespace, save) -> list[Result]:
             result.ratio_to_floor = result.step_seconds / floor(rows).step_seconds
             result.first_run_vs_ksampler = result.first_run_seconds / ksampler[0]
             result.first_step_vs_ksampler = result.first_step_seconds / ksampler[1]
+            if options.whole_run_steps:
+                result.whole_run_vs_ksampler = bench.whole_run_seconds(method, n, options.whole_run_steps) / whole_ksampler
             results.append(result)
             save(results)
             print(
@@ -393,8 +403,8 @@ def markdown(results: list[Result], meta: dict) -> str:
         f"layers, euler, median of {meta['repeats']} runs; per-step time from {STEPS_SHORT}- and {STEPS_LONG}-step runs.",
         "",
         "| model | method | N | rows/step | forwards/step | rows/forward | ms/step | x floor | vs hooks | vs naive | peak MB "
-        "| first run x KSampler | first step x KSampler |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| first run x KSampler | first step x KSampler | warm whole run x KSampler |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r.method.startswith("floor-"):
@@ -406,7 +416,8 @@ def markdown(results: list[Result], meta: dict) -> str:
         lines.append(
             f"| {r.model} | {r.method} | {r.adapters} | {r.rows_per_step} | {r.forwards_per_step:g} | {r.rows_per_forward:.1f} | "
             f"{r.step_seconds * 1000:.1f} | {r.ratio_to_floor:.2f} | {vs_hooks} | {vs_naive} | {r.peak_memory_mb:.0f} | "
-            f"{r.first_run_vs_ksampler:.2f} | {r.first_step_vs_ksampler:.2f} |"
+            f"{r.first_run_vs_ksampler:.2f} | {r.first_step_vs_ksampler:.2f} | "
+            + (f"{r.whole_run_vs_ksampler:.2f} |" if r.whole_run_vs_ksampler is not None else " |")
         )
     return "\n".join(lines) + "\n"
 
@@ -447,6 +458,9 @@ def main() -> int:
         type=lambda s: s.split(","),
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--whole-run-steps", type=int, default=0, help="also time warm whole runs of this many steps against KSampler"
+    )
     parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help="LoRA rank of every adapter")
     parser.add_argument("--dtype", default="float16", help="GPU compute dtype (float16 or bfloat16); CPU runs float32")
     parser.add_argument("--out", type=Path, default=PACK_DIR / "out" / "benchmark")

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-METHODS = ("merge", "switch", "composite", "loratorio")
+METHODS = ("merge", "switch", "composite", "loratorio", "loratorio-routed")
 # Each method's starting settings; tune.py chooses them on the tuning combinations and freezes its
 # choice in SETTINGS_FILE, which the harness uses when it exists.
 DEFAULT_SETTINGS = {
@@ -38,7 +38,12 @@ DEFAULT_SETTINGS = {
     "switch": {"cfg": 3.0, "tau": 2},
     "composite": {"cfg": 3.0},
     "loratorio": {"cfg": 3.0, "patch_size": 2, "temperature": 0.05, "recentre_lambda": 0.5},
-}
+    # single pass: LoRAtorio's settings with a third of the 12 steps full (every third one)
+    "loratorio-routed": {
+        "cfg": 2.0, "patch_size": 4, "temperature": 0.05, "recentre_lambda": 0.5,
+        "routing": "single pass", "full_steps": 2, "refresh_every": 3,
+    },
+}  # fmt: skip
 SETTINGS_FILE = Path(__file__).resolve().parent / "method_settings.json"
 SAMPLING = {"cfg": 3.0, "sampler_name": "euler", "scheduler": "normal", "steps": 12}
 BOOTSTRAP_SAMPLES = 1000
@@ -138,11 +143,14 @@ class ToyRun:
             )
         else:
             node = nodes_by_name[
-                {"switch": "LoRAtorioSwitchSampler", "composite": "LoRAtorioCompositeSampler", "loratorio": "LoRAtorioSampler"}[
-                    method
-                ]
+                {
+                    "switch": "LoRAtorioSwitchSampler",
+                    "composite": "LoRAtorioCompositeSampler",
+                    "loratorio": "LoRAtorioSampler",
+                    "loratorio-routed": "LoRAtorioSampler",
+                }[method]
             ]
-            extra = {"top_k": 0, "top_k_mode": "image", **settings} if method == "loratorio" else dict(settings)
+            extra = {"top_k": 0, "top_k_mode": "image", **settings} if method.startswith("loratorio") else dict(settings)
             result = node().sample(
                 self.model, positive, negative, self.stack(concepts), cfg, latent, denoise=1.0, **ksampler, **extra
             )
@@ -400,7 +408,8 @@ def combined_runs(paths: list[Path]) -> tuple[list[Scores], dict, dict, str]:
 
 def write_report(out: Path, runs: list[Scores], sampling: dict, settings: dict, settings_source: str) -> tuple[str, list[dict]]:
     """``summary.json``, ``results.json`` and ``results.md`` under ``out``; returns the Markdown and the rows."""
-    rows, compared = summarise(runs), paired_differences(runs)
+    challengers = [m for m in ("loratorio", "loratorio-routed") if any(r.method == m for r in runs)]
+    rows, compared = summarise(runs), [row for c in challengers for row in paired_differences(runs, c)]
     methods = [m for m in METHODS if any(r.method == m for r in runs)]
     described = "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in settings[m].items()) for m in methods)
     header = (

@@ -103,6 +103,19 @@ def tune_method(runs: list[ToyRun], method: str, seed: int, log, known: dict[str
     return best, list(visited.values())
 
 
+def score_settings(runs: list[ToyRun], method: str, tries: list[dict], seed: int, log) -> None:
+    """Score explicit candidate settings of ``method`` on the tuning split (``--try``)."""
+    combos = combinations(list(SIZES), "tune")
+    for settings in tries:
+        recall, present = [], []
+        for toy in runs:
+            for combo in combos:
+                scores, _ = scored(toy, method, combo, seed, settings)
+                recall += scores.recall
+                present += scores.all_present
+        log(f"{method} {settings}: recall {sum(recall) / len(recall):.3f}, all present {sum(present) / len(present):.3f}")
+
+
 def main() -> int:
     from host_env import comfyui_on_path, load_pack
 
@@ -111,6 +124,13 @@ def main() -> int:
     add_generation_arguments(parser, images=8)
     parser.add_argument("--seed", type=int, default=2, help="the sampling seed (the harness's test runs use 1)")
     parser.add_argument("--rescore", action="store_true", help="score every candidate again instead of reusing earlier scores")
+    parser.add_argument(
+        "--try",
+        dest="tries",
+        action="append",
+        type=json.loads,
+        help="score these settings (JSON) of the one --methods method on the tuning split, print, write nothing",
+    )
     options = parser.parse_args()
     methods = parse_methods(options.methods)
     seed_dirs = seed_folders(options.models)
@@ -126,6 +146,11 @@ def main() -> int:
     frozen = json.loads(SETTINGS_FILE.read_text()) if SETTINGS_FILE.exists() else {"settings": {}, "tuning": {}}
     runs = [ToyRun(pack, folder, options.images, options.steps) for folder in seed_dirs]
     context = tuning_context(runs, options.seed)
+    if options.tries:
+        if len(methods) != 1:
+            parser.error("--try scores settings of one method: give exactly one --methods")
+        score_settings(runs, methods[0], options.tries, options.seed, log)
+        return 0
     for method in methods:
         known = {} if options.rescore else earlier_candidates(frozen["tuning"].get(method), context)
         if known:
