@@ -267,12 +267,14 @@ def markdown(rows: list[dict], header: str) -> str:
 
 def differences_markdown(rows: list[dict]) -> str:
     lines = [
-        "| N | LoRAtorio recall minus | difference [95% interval] | verdict |",
-        "|---|---|---|---|",
+        "| N | recall of | minus | difference [95% interval] | verdict |",
+        "|---|---|---|---|---|",
     ]
     for row in rows:
         mean, low, high = row["difference"]
-        lines.append(f"| {row['n']} | {row['other']} | {mean:+.2f} [{low:+.2f}, {high:+.2f}] | {row['verdict']} |")
+        lines.append(
+            f"| {row['n']} | {row['challenger']} | {row['other']} | {mean:+.2f} [{low:+.2f}, {high:+.2f}] | {row['verdict']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
