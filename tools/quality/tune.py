@@ -85,13 +85,8 @@ def tune_method(runs: list[ToyRun], method: str, seed: int, log, known: dict[str
     def evaluate(settings: dict) -> tuple[float, float]:
         key = json.dumps(settings, sort_keys=True)
         if key not in candidates:
-            recall, present = [], []
-            for toy in runs:
-                for combo in combos:
-                    scores, _ = scored(toy, method, combo, seed, settings)
-                    recall += scores.recall
-                    present += scores.all_present
-            candidate = {"settings": settings, "recall": sum(recall) / len(recall), "all_present": sum(present) / len(present)}
+            recall, present = tuning_scores(runs, method, combos, seed, settings)
+            candidate = {"settings": settings, "recall": recall, "all_present": present}
             candidates[key] = candidate
             log(f"{method} {settings}: recall {candidate['recall']:.3f}, all present {candidate['all_present']:.3f}")
         visited[key] = candidates[key]
@@ -103,17 +98,23 @@ def tune_method(runs: list[ToyRun], method: str, seed: int, log, known: dict[str
     return best, list(visited.values())
 
 
+def tuning_scores(runs: list[ToyRun], method: str, combos: list, seed: int, settings: dict) -> tuple[float, float]:
+    """Mean shape-checked recall and all-present rate of ``settings`` over ``combos`` and every run."""
+    recall, present = [], []
+    for toy in runs:
+        for combo in combos:
+            scores, _ = scored(toy, method, combo, seed, settings)
+            recall += scores.recall
+            present += scores.all_present
+    return sum(recall) / len(recall), sum(present) / len(present)
+
+
 def score_settings(runs: list[ToyRun], method: str, tries: list[dict], seed: int, log) -> None:
     """Score explicit candidate settings of ``method`` on the tuning split (``--try``)."""
     combos = combinations(list(SIZES), "tune")
     for settings in tries:
-        recall, present = [], []
-        for toy in runs:
-            for combo in combos:
-                scores, _ = scored(toy, method, combo, seed, settings)
-                recall += scores.recall
-                present += scores.all_present
-        log(f"{method} {settings}: recall {sum(recall) / len(recall):.3f}, all present {sum(present) / len(present):.3f}")
+        recall, present = tuning_scores(runs, method, combos, seed, settings)
+        log(f"{method} {settings}: recall {recall:.3f}, all present {present:.3f}")
 
 
 def main() -> int:
