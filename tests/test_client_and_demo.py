@@ -32,7 +32,7 @@ def assert_sane_image(path: Path) -> None:
 
 def test_client_reports_validation_errors_verbatim_and_the_server_runs_the_next_job(server, demo_models, tmp_path):
     _, checkpoint, loras = demo_models
-    workflow = str(PACK_DIR / "workflows" / "api" / "loratorio.json")
+    workflow = str(PACK_DIR / "example_workflows" / "api" / "loratorio.json")
     common = ["--server", server.url, "--out", str(tmp_path), "--checkpoint", checkpoint, "--param", "steps=2"]
     common += ["--param", "width=64", "--param", "height=64"]
     bad = run([*CLIENT, workflow, *common, "--lora", f"{loras[0]}:1.0", "--lora", "missing-lora.safetensors:0.5"])
@@ -49,7 +49,7 @@ def test_client_reports_validation_errors_verbatim_and_the_server_runs_the_next_
 
 def test_client_reports_execution_errors(server, demo_models, tmp_path):
     _, checkpoint, loras = demo_models
-    workflow = str(PACK_DIR / "workflows" / "lora-composite.json")  # the UI format works too
+    workflow = str(PACK_DIR / "example_workflows" / "lora-composite.json")  # the UI format works too
     result = run([*CLIENT, workflow, "--server", server.url, "--out", str(tmp_path), "--checkpoint", checkpoint,
                   "--lora", loras[0], "--lora", loras[0], "--param", "steps=1"])  # fmt: skip
     assert result.returncode == 1
@@ -63,7 +63,7 @@ def test_client_spreads_jobs_over_several_servers(server, demo_models, tmp_path,
     config = tmp_path / "paths.yaml"
     config.write_text(f"demo:\n  base_path: {models_dir}\n  checkpoints: checkpoints\n  loras: loras\n")
     with comfyui_server(comfyui_dir, tmp_path / "second", extra_args=("--extra-model-paths-config", str(config))) as second:
-        result = run([*CLIENT, str(PACK_DIR / "workflows" / "api" / "lora-switch.json"), "--server", server.url,
+        result = run([*CLIENT, str(PACK_DIR / "example_workflows" / "api" / "lora-switch.json"), "--server", server.url,
                       "--server", second.url, "--out", str(tmp_path / "out"), "--lora", loras[0], "--lora", loras[2],
                       "--param", "steps=2", "--param", "width=64", "--param", "height=64",
                       *[arg for seed in range(4) for arg in ("--seed", str(seed))]])  # fmt: skip
