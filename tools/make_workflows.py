@@ -35,6 +35,7 @@ NEGATIVE = "blurry, low quality"
 KSAMPLER = {"seed": 1, "steps": 20, "cfg": 7.0, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0}
 THUMBNAIL_SIZE = 256
 LORATORIO = {"patch_size": 8, "temperature": 0.05, "recentre_lambda": 0.5, "top_k": 0, "top_k_mode": "image"}
+SINGLE_PASS_FROM_MASKS = {"routing": "single pass", "full_steps": 0, "refresh_every": 0}
 
 
 def loader_inputs(loras: list[tuple[str, float]]) -> dict:
@@ -85,12 +86,36 @@ def merge_baseline(loras: list[tuple[str, float]]) -> dict:
     return graph
 
 
+def regional(loras: list[tuple[str, float]]) -> dict:
+    """LoRAtorio in single pass from region masks alone: the first LoRA on the left half, the second
+    on the right (SolidMask, MaskComposite and InvertMask draw the halves), 2 rows per step."""
+    graph = composition("LoRAtorioSampler", loras, {**LORATORIO, **SINGLE_PASS_FROM_MASKS}, weight_maps=True)
+    width, height = graph["4"]["inputs"]["width"], graph["4"]["inputs"]["height"]
+    graph["11"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": width, "height": height}}
+    graph["12"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": width // 2, "height": height}}
+    left = {"destination": ["11", 0], "source": ["12", 0], "x": 0, "y": 0, "operation": "add"}
+    graph["13"] = {"class_type": "MaskComposite", "inputs": left, "_meta": {"title": "Left half"}}
+    graph["14"] = {"class_type": "InvertMask", "inputs": {"mask": ["13", 0]}, "_meta": {"title": "Right half"}}
+    region = {"mode": "hard", "soft_strength": 4.0}
+    graph["15"] = {
+        "class_type": "LoRAtorioRegionMask",
+        "inputs": {"lora_stack": ["5", 0], "lora_position": 1, "mask": ["13", 0], **region},
+    }
+    graph["16"] = {
+        "class_type": "LoRAtorioRegionMask",
+        "inputs": {"lora_stack": ["15", 0], "lora_position": 2, "mask": ["14", 0], **region},
+    }
+    graph["6"]["inputs"]["lora_stack"] = ["16", 0]
+    return graph
+
+
 WORKFLOWS = {
     "loratorio": composition("LoRAtorioSampler", LORAS[:3], LORATORIO, weight_maps=True),
     "loratorio-dynamic-pool": composition("LoRAtorioSampler", LORAS, {**LORATORIO, "top_k": 2}, weight_maps=True),
     "lora-switch": composition("LoRAtorioSwitchSampler", LORAS[:3], {"tau": 5}, weight_maps=False),
     "lora-composite": composition("LoRAtorioCompositeSampler", LORAS[:3], {}, weight_maps=False),
     "lora-merge-baseline": merge_baseline(LORAS[:3]),
+    "loratorio-regions": regional([LORAS[0], LORAS[2]]),
 }
 
 
