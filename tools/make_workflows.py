@@ -34,7 +34,10 @@ PROMPT = "a knight with a red shield in a green garden, watercolour"
 NEGATIVE = "blurry, low quality"
 KSAMPLER = {"seed": 1, "steps": 20, "cfg": 7.0, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0}
 THUMBNAIL_SIZE = 256
-LORATORIO = {"patch_size": 8, "temperature": 0.05, "recentre_lambda": 0.5, "top_k": 0, "top_k_mode": "image"}
+LORATORIO = {
+    "patch_size": 8, "temperature": 0.05, "recentre_lambda": 0.5, "top_k": 0, "top_k_mode": "image",
+    "routing": "every step", "full_steps": 3, "refresh_every": 0,
+}  # fmt: skip
 SINGLE_PASS_FROM_MASKS = {"routing": "single pass", "full_steps": 0, "refresh_every": 0}
 
 
@@ -137,6 +140,8 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
         for section, name, input_spec in ordered_inputs(info):
             value = spec["inputs"].get(name)
             if is_widget(input_spec):
+                if value is None:  # the graph editor would queue null for it, which the server refuses
+                    raise ValueError(f"node {node_id} ({spec['class_type']}) has no value for its widget {name}")
                 widgets.append(value)
                 if has_control_widget(input_spec):
                     widgets.append("fixed")
