@@ -248,11 +248,13 @@ class LoRAtorioGuider(AdapterRowsGuider):
         return rows
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 - CFGGuider's signature
-        if self.routed is not None:
+        if self.routed is not None:  # routed mode reads the step anyway: windows reuse it
             step = self.step_of(timestep, model_options)
+            active = self.active_at(step, model_options)
             if not self.routed.is_full(step):
-                return self._routed_step(x, timestep, model_options, self.active_at(step, model_options))
-        active = self.active_adapters(timestep, model_options)
+                return self._routed_step(x, timestep, model_options, active)
+        else:
+            active = self.active_adapters(timestep, model_options)
         n = len(active)
         with_uncond = self.needs_uncond(model_options)
         out = self.evaluate(self.row_plan(with_uncond, active), x, timestep, model_options)

@@ -84,12 +84,20 @@ def weighted_with_base(weights: Tensor, predictions: Tensor, base: Tensor) -> Te
     return (mixed + (1.0 - weights.sum(dim=0)) * base.to(weights.dtype)).to(base.dtype)
 
 
-def regional_mean(predictions: Tensor, maps: RegionMaps) -> Tensor:
-    """Composite with regions: ``sum_i w_i pred_i / sum_i w_i``, ``w_i = allowed_i * exp(prior_i)``
-    (maps ``[N, B, H, W]`` at the predictions' size); the plain mean where no adapter is allowed."""
+def region_shares(maps: RegionMaps) -> Tensor:
+    """``w_i = allowed_i * exp(prior_i) / sum_j allowed_j * exp(prior_j)``, ``[N, B, H, W]``; 0 for
+    every adapter where none is allowed."""
     weights = torch.where(maps.allowed, maps.prior.exp(), torch.zeros_like(maps.prior))
     total = weights.sum(dim=0, keepdim=True)
-    weights = torch.where(total > 0, weights / total.clamp_min(1e-30), torch.full_like(weights, 1.0 / weights.shape[0]))
+    return torch.where(total > 0, weights / total.clamp_min(1e-30), torch.zeros_like(weights))
+
+
+def regional_mean(predictions: Tensor, maps: RegionMaps) -> Tensor:
+    """Composite with regions: ``sum_i w_i pred_i`` with :func:`region_shares` (maps ``[N, B, H, W]``
+    at the predictions' size); the plain mean where no adapter is allowed."""
+    weights = region_shares(maps)
+    nowhere = weights.sum(dim=0, keepdim=True) == 0
+    weights = torch.where(nowhere, torch.full_like(weights, 1.0 / weights.shape[0]), weights)
     per_channel = weights.reshape(*weights.shape[:2], *([1] * (predictions.ndim - 4)), *weights.shape[2:])
     combined = (per_channel * predictions.to(SIMILARITY_DTYPE)).sum(dim=0)
     return combined.to(predictions.dtype)

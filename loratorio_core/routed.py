@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .regions import Region, region_maps
+from .regions import Region, region_maps, region_shares
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,4 @@ def mask_routing(regions: Sequence[Region | None], batch: int, height: int, widt
     normalised over the adapters; 0 (the base model) where no adapter is allowed."""
     if all(region is None for region in regions):
         raise ValueError("a routing map from masks alone needs at least one region (LoRA Region Mask), or full steps > 0")
-    maps = region_maps(regions, batch, height, width, device)
-    weights = torch.where(maps.allowed, maps.prior.exp(), torch.zeros_like(maps.prior))
-    total = weights.sum(dim=0, keepdim=True)
-    return torch.where(total > 0, weights / total.clamp_min(1e-30), torch.zeros_like(weights)).transpose(0, 1)
+    return region_shares(region_maps(regions, batch, height, width, device)).transpose(0, 1)
