@@ -17,10 +17,10 @@ def rendered(image: torch.Tensor) -> np.ndarray:
 
 def test_detector_finds_every_drawn_concept_and_nothing_else():
     generator = torch.Generator().manual_seed(0)
-    for concept in world.CONCEPTS:
+    for concept in world.ALL_CONCEPTS:
         for _ in range(100):
             image, words = world.concept_example(concept, generator)
-            assert words == [concept.trigger]
+            assert words == ([concept.trigger] if concept in world.CONCEPTS else [concept.trigger, "disk"])
             found = detector.detect(rendered(image))
             assert found.present == {concept.name}, f"{concept.name}: detector saw {set(found.present)}"
 
@@ -31,6 +31,30 @@ def test_detector_sees_no_concept_in_the_base_models_washed_out_shapes():
         image, words = world.base_example(generator)
         assert set(words) <= set(world.SHAPES)
         assert not detector.detect(rendered(image)).colour_present
+
+
+def test_placement_finds_a_character_in_its_own_half_and_its_colour_bleeding_into_the_other():
+    from quality.harness import subject_regions
+
+    jade = world.CONCEPTS_BY_NAME["jade-disk"]
+    ys, xs = torch.meshgrid(torch.arange(32) + 0.5, torch.arange(32) + 0.5, indexing="ij")
+    image = world.blank()
+    world.paint(image, (ys - 16) ** 2 + (xs - 8) ** 2 <= 36, jade.colour)  # a disk in the left half
+    regions = {name: mask.numpy() > 0.5 for name, mask in subject_regions().items()}
+    assert detector.placement(rendered(image), jade, regions["jade-disk"]) == (True, False)
+    assert detector.placement(rendered(image), jade, regions["aqua-disk"]) == (False, True)
+    world.paint(image, (ys - 16) ** 2 + (xs - 8) ** 2 <= 36, world.CONCEPTS_BY_NAME["aqua-disk"].colour)
+    assert detector.placement(rendered(image), jade, regions["jade-disk"]) == (False, False)  # no jade drawn
+
+
+def test_a_base_trained_before_the_characters_gets_their_words_the_same_way_on_every_load(tmp_path):
+    model, embedding = toy_model.new_model(seed=5)
+    older = torch.nn.Embedding.from_pretrained(embedding.weight[: len(world.VOCABULARY) - len(world.CHARACTERS)])
+    toy_model.save_base(tmp_path / "old" / toy_model.BASE_FILE, model, older)
+    (_, first), (_, again) = (toy_model.load_base(tmp_path / "old" / toy_model.BASE_FILE) for _ in range(2))
+    assert first.shape == (len(world.VOCABULARY), toy_model.CONTEXT_DIM) and torch.equal(first, again)
+    assert torch.equal(first[: older.weight.shape[0]], older.weight)
+    assert not torch.equal(first[-1], first[-2])  # each added word its own embedding
 
 
 def test_shape_check_tells_a_red_square_from_the_ruby_disk():
@@ -76,17 +100,18 @@ def test_toy_lora_is_read_fully_by_comfyuis_lora_loader_and_the_per_row_engine(e
 
 def test_toy_model_samples_through_every_method_of_the_harness(pack, toy_files, monkeypatch):
     import folder_paths
-    from quality.harness import METHODS, Scores, ToyRun, score_images
+    from quality.harness import METHODS, NEEDS_REGIONS, Scores, ToyRun, subject_regions, score_images
 
     folder, concept, _ = toy_files
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", folder_paths.folder_names_and_paths["loras"])
     toy = ToyRun(pack, folder, images=2, steps=2)
+    regions = {concept.name: subject_regions()["jade-disk"]}
     for method in ("base", "single", *METHODS):
-        images = toy.generate(method, [concept], seed=1)
+        images = toy.generate(method, [concept], seed=1, regions=regions if method in NEEDS_REGIONS else None)
         assert images.shape == (2, world.IMAGE_SIZE, world.IMAGE_SIZE, 3) and np.isfinite(images).all()
         scores = Scores(method, folder.name, [concept.name])
-        score_images(images, scores.concepts, scores)
-        assert len(scores.recall) == 2
+        score_images(images, scores.concepts, scores, regions)
+        assert len(scores.recall) == len(scores.placed) == 2
 
 
 def test_tuning_scores_every_candidate_and_keeps_the_best(pack, toy_files, monkeypatch):
@@ -177,6 +202,20 @@ def test_tuning_and_test_combinations_split_every_combination_and_tuning_weighs_
     assert [tuple(c.name for c in combo) for combo in tune] == list(TUNING_COMBINATIONS)  # every listed name exists
     appearances = Counter(concept.name for combo in tune for concept in combo)
     assert set(appearances) == {c.name for c in world.CONCEPTS} and set(appearances.values()) <= {4, 5}
+
+
+def test_character_and_region_scenarios_hold_out_every_combination_and_masks_only_routing_asks_for_regions():
+    from quality.harness import SCENARIO_COMBINATIONS, combinations, parse_methods, subject_regions
+
+    for scenario, listed in SCENARIO_COMBINATIONS.items():
+        assert [tuple(c.name for c in combo) for combo in combinations([2, 3, 4], "test", scenario)] == list(listed)
+        assert combinations([2, 3, 4], "tune", scenario) == [] and len(combinations([3], "all", scenario)) == 2
+    regions = subject_regions()
+    assert {name for combo in SCENARIO_COMBINATIONS["regions"] for name in combo} - set(regions) == {"dusk-style"}
+    assert torch.equal(regions["ruby-disk"] + regions["cobalt-square"], torch.ones(32, 32))
+    assert "loratorio-masks" in parse_methods(None, "regions") and "loratorio-masks" not in parse_methods(None)
+    with pytest.raises(SystemExit, match="--scenario regions"):
+        parse_methods("merge,loratorio-masks", "same-class")
 
 
 def test_runs_made_side_by_side_combine_into_one_report_and_mismatched_ones_are_refused(tmp_path):

@@ -11,6 +11,10 @@ its colour's largest connected region is at least ``MIN_AREA`` pixels and has th
 
 The style concept is present when at least ``STYLE_FRACTION`` of the image has its colour.
 ``colour_only`` drops the shape checks (reported beside the shape-checked recall).
+
+With regions, :func:`placement` checks an object concept against its region: placed when it is
+present and at least ``PLACED_SHARE`` of its largest region lies inside; bleeding when ``MIN_AREA``
+or more pixels of its colour lie outside.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .world import CONCEPTS, Concept
+from .world import ALL_CONCEPTS, Concept
 
 COLOUR_RADIUS = 0.22
 MIN_AREA = 20
 STYLE_FRACTION = 0.3
+PLACED_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -35,11 +40,11 @@ class Detection:
 
 def colour_masks(image: np.ndarray) -> dict[str, np.ndarray]:
     """Per concept, the pixels of its colour; ``image`` is ``[H, W, 3]`` in [0, 1]."""
-    references = np.array([concept.colour for concept in CONCEPTS], dtype=np.float32)
+    references = np.array([concept.colour for concept in ALL_CONCEPTS], dtype=np.float32)
     distances = np.linalg.norm(image[:, :, None, :] - references[None, None], axis=-1)
     nearest = distances.argmin(axis=-1)
     close = distances.min(axis=-1) <= COLOUR_RADIUS
-    return {concept.name: close & (nearest == index) for index, concept in enumerate(CONCEPTS)}
+    return {concept.name: close & (nearest == index) for index, concept in enumerate(ALL_CONCEPTS)}
 
 
 def largest_region(mask: np.ndarray) -> np.ndarray:
@@ -78,6 +83,17 @@ def concept_found(concept: Concept, mask: np.ndarray, check_shape: bool) -> bool
 def detect(image: np.ndarray) -> Detection:
     """Which concepts ``image`` (``[H, W, 3]``, values in [0, 1]) shows."""
     masks = colour_masks(image.astype(np.float32))
-    present = frozenset(c.name for c in CONCEPTS if concept_found(c, masks[c.name], check_shape=True))
-    colour_present = frozenset(c.name for c in CONCEPTS if concept_found(c, masks[c.name], check_shape=False))
+    present = frozenset(c.name for c in ALL_CONCEPTS if concept_found(c, masks[c.name], check_shape=True))
+    colour_present = frozenset(c.name for c in ALL_CONCEPTS if concept_found(c, masks[c.name], check_shape=False))
     return Detection(present, colour_present)
+
+
+def placement(image: np.ndarray, concept: Concept, region: np.ndarray) -> tuple[bool, bool]:
+    """``(placed, bleeds)`` of object ``concept`` in ``image`` (``[H, W, 3]`` in [0, 1]) against its
+    boolean ``[H, W]`` ``region``."""
+    mask = colour_masks(image.astype(np.float32))[concept.name]
+    bleeds = int((mask & ~region).sum()) >= MIN_AREA
+    if not concept_found(concept, mask, check_shape=True):
+        return False, bleeds
+    largest = largest_region(mask)
+    return bool((largest & region).sum() >= PLACED_SHARE * largest.sum()), bleeds

@@ -15,6 +15,14 @@ images (no concept at all) and of images with a concept that was not asked for. 
 ``summary.json`` (the table's numbers), ``results.json`` (with every image's scores),
 ``results.md`` and ``grid.png`` under ``--out``. ``--compare`` checks the means against another
 run's ``summary.json``, e.g. a fresh training run's against the shipped models'.
+
+``--scenario`` picks the combinations: ``standard`` (the five concepts, split into tuning and test
+combinations), ``same-class`` (two character LoRAs trained on one class word, ``jade disk`` and
+``aqua disk``, alone and with the stripe and the style: merging them interferes) or ``regions``
+(two-subject scenes, each subject confined to its half of the image by LoRA Region Mask: ruby's
+disk left of cobalt's square, jade left of aqua, each pair alone and with the style; each image
+also scores whether each subject is in its own half, and whether its colour bleeds into the
+other). The method ``loratorio-masks`` (single pass from the masks alone) needs regions.
 """
 
 from __future__ import annotations
@@ -30,7 +38,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-METHODS = ("merge", "switch", "composite", "loratorio", "loratorio-routed")
+METHODS = ("merge", "switch", "composite", "loratorio", "loratorio-routed", "loratorio-masks")
+CHALLENGERS = ("loratorio", "loratorio-routed", "loratorio-masks")
+SCENARIOS = ("standard", "same-class", "regions")
+NEEDS_REGIONS = ("loratorio-masks",)
 # Each method's starting settings; tune.py chooses them on the tuning combinations and freezes its
 # choice in SETTINGS_FILE, which the harness uses when it exists.
 DEFAULT_SETTINGS = {
@@ -42,6 +53,11 @@ DEFAULT_SETTINGS = {
     "loratorio-routed": {
         "cfg": 2.0, "patch_size": 4, "temperature": 0.05, "recentre_lambda": 0.5,
         "routing": "single pass", "full_steps": 2, "refresh_every": 3,
+    },
+    # single pass with the routing map from the regions alone: 2 rows on every step
+    "loratorio-masks": {
+        "cfg": 2.0, "patch_size": 4, "temperature": 0.05, "recentre_lambda": 0.5,
+        "routing": "single pass", "full_steps": 0, "refresh_every": 0,
     },
 }  # fmt: skip
 SETTINGS_FILE = Path(__file__).resolve().parent / "method_settings.json"
@@ -70,12 +86,19 @@ class Scores:
     all_present: list[bool] = field(default_factory=list)
     empty: list[bool] = field(default_factory=list)
     wrong: list[bool] = field(default_factory=list)
+    # with regions: the share of the regional concepts drawn inside their own region, and whether
+    # any one's colour bleeds out of it
+    placed: list[float] = field(default_factory=list)
+    bleed: list[bool] = field(default_factory=list)
 
 
-def score_images(images, concepts: list[str], scores: Scores) -> None:
-    from quality.detector import detect
+def score_images(images, concepts: list[str], scores: Scores, regions: dict | None = None) -> None:
+    """Score each image for ``concepts``; ``regions`` (concept name to ``[H, W]`` mask) adds placement."""
+    from quality.detector import detect, placement
+    from quality.world import CONCEPTS_BY_NAME
 
     expected = set(concepts)
+    regional = [name for name in concepts if name in (regions or {})]
     for image in images:
         found = detect(image)
         scores.recall.append(len(expected & found.present) / len(expected))
@@ -83,6 +106,10 @@ def score_images(images, concepts: list[str], scores: Scores) -> None:
         scores.all_present.append(expected <= found.present)
         scores.empty.append(not found.colour_present)
         scores.wrong.append(bool(found.colour_present - expected))
+        if regional:
+            placements = [placement(image, CONCEPTS_BY_NAME[name], regions[name].numpy() > 0.5) for name in regional]
+            scores.placed.append(sum(placed for placed, _ in placements) / len(regional))
+            scores.bleed.append(any(bled for _, bled in placements))
 
 
 class ToyRun:
@@ -103,11 +130,21 @@ class ToyRun:
 
         return [(toy_model.lora_file(c), strength, strength) for c in concepts]
 
-    def generate(self, method: str, concepts, seed: int, settings: dict | None = None):
+    def regional_stack(self, concepts, regions: dict, strength: float = 1.0) -> list:
+        """The stack with each concept in ``regions`` confined to its mask by the LoRA Region Mask node."""
+        stack = self.stack(concepts, strength)
+        for position, concept in enumerate(concepts, start=1):
+            if concept.name in regions:
+                node = self.pack.NODE_CLASS_MAPPINGS["LoRAtorioRegionMask"]()
+                (stack,) = node.set_region(stack, position, regions[concept.name][None], "hard", 4.0)
+        return stack
+
+    def generate(self, method: str, concepts, seed: int, settings: dict | None = None, regions: dict | None = None):
         """``self.images`` images of ``method`` composing ``concepts``, as ``[B, H, W, 3]`` numpy in [0, 1].
 
         ``settings``: the method's node inputs and ``cfg`` (default: ``DEFAULT_SETTINGS``; the controls
-        base and single use ``SAMPLING``'s cfg and strength 1)."""
+        base and single use ``SAMPLING``'s cfg and strength 1). ``regions``: concept name to an
+        ``[H, W]`` mask, attached to the stack (Merge and Switch ignore them, as in the graph)."""
         import nodes as comfy_nodes
         import torch
 
@@ -148,12 +185,12 @@ class ToyRun:
                     "composite": "LoRAtorioCompositeSampler",
                     "loratorio": "LoRAtorioSampler",
                     "loratorio-routed": "LoRAtorioSampler",
+                    "loratorio-masks": "LoRAtorioSampler",
                 }[method]
             ]
+            stack = self.regional_stack(concepts, regions or {}, settings.pop("strength", 1.0))
             extra = {"top_k": 0, "top_k_mode": "image", **settings} if method.startswith("loratorio") else dict(settings)
-            result = node().sample(
-                self.model, positive, negative, self.stack(concepts), cfg, latent, denoise=1.0, **ksampler, **extra
-            )
+            result = node().sample(self.model, positive, negative, stack, cfg, latent, denoise=1.0, **ksampler, **extra)
             out = (result["result"] if isinstance(result, dict) else result)[0]
         return world.as_images(out["samples"]).numpy()
 
@@ -173,11 +210,47 @@ TUNING_COMBINATIONS = (
 )
 
 
-def combinations(sizes: list[int], split: str = "all") -> list[tuple]:
-    """Every combination of ``sizes`` concepts; ``split`` keeps the tuning ones (``TUNING_COMBINATIONS``,
-    on which method settings are chosen) or the held-out test rest."""
-    from quality.world import CONCEPTS
+# The other scenarios' combinations, all held out (no setting was chosen on them). same-class: the
+# two characters alone, beside the stripe that crosses them, beside the style, and with both.
+# regions: two subjects of two classes, then of one class, each alone and with the global style.
+SCENARIO_COMBINATIONS = {
+    "same-class": (
+        ("jade-disk", "aqua-disk"),
+        ("jade-disk", "aqua-disk", "lemon-stripe"),
+        ("jade-disk", "aqua-disk", "dusk-style"),
+        ("jade-disk", "aqua-disk", "lemon-stripe", "dusk-style"),
+    ),
+    "regions": (
+        ("ruby-disk", "cobalt-square"),
+        ("jade-disk", "aqua-disk"),
+        ("ruby-disk", "cobalt-square", "dusk-style"),
+        ("jade-disk", "aqua-disk", "dusk-style"),
+    ),
+}
+LEFT_SUBJECTS, RIGHT_SUBJECTS = ("ruby-disk", "jade-disk"), ("cobalt-square", "aqua-disk")
 
+
+def subject_regions() -> dict:
+    """The regions scenario's masks, by concept: the left half of the image or the right half."""
+    import torch
+
+    from quality.world import IMAGE_SIZE
+
+    left = torch.zeros(IMAGE_SIZE, IMAGE_SIZE)
+    left[:, : IMAGE_SIZE // 2] = 1.0
+    return {**dict.fromkeys(LEFT_SUBJECTS, left), **dict.fromkeys(RIGHT_SUBJECTS, 1.0 - left)}
+
+
+def combinations(sizes: list[int], split: str = "all", scenario: str = "standard") -> list[tuple]:
+    """Every combination of ``sizes`` concepts; ``split`` keeps the tuning ones (``TUNING_COMBINATIONS``,
+    on which method settings are chosen) or the held-out test rest. The other scenarios'
+    ``SCENARIO_COMBINATIONS`` are all held out."""
+    from quality.world import CONCEPTS, CONCEPTS_BY_NAME
+
+    if scenario != "standard":
+        listed = SCENARIO_COMBINATIONS[scenario]
+        held_out = [tuple(CONCEPTS_BY_NAME[n] for n in names) for names in listed if len(names) in sizes]
+        return [] if split == "tune" else held_out
     every = [combo for n in sizes for combo in itertools.combinations(CONCEPTS, n)]
     if split == "all":
         return every
@@ -214,15 +287,16 @@ def summarise(runs: list[Scores]) -> list[dict]:
             "combinations": len({tuple(r.concepts) for r in group}),
             "images": sum(len(r.recall) for r in group),
         }
-        for metric in ("recall", "colour_recall", "all_present", "empty", "wrong"):
+        regional = any(r.placed for r in group)  # the controls have no regions
+        for metric in ("recall", "colour_recall", "all_present", "empty", "wrong", *(("placed", "bleed") if regional else ())):
             per_seed = [[float(v) for r in group if r.training_seed == s for v in getattr(r, metric)] for s in seeds]
             row[metric] = bootstrap_interval(per_seed, generator)
         rows.append(row)
     return rows
 
 
-def paired_differences(runs: list[Scores], challenger: str = "loratorio") -> list[dict]:
-    """Per N and other method, ``challenger``'s recall minus the other's, image by image (the same
+def paired_differences(runs: list[Scores], challenger: str = "loratorio", metric: str = "recall") -> list[dict]:
+    """Per N and other method, ``challenger``'s ``metric`` minus the other's, image by image (the same
     sampling seed gives both the same starting noise), with a 95% bootstrap interval (training seeds,
     then images) and a verdict: better or worse when the interval excludes 0, else no clear difference."""
     import numpy as np
@@ -236,13 +310,21 @@ def paired_differences(runs: list[Scores], challenger: str = "loratorio") -> lis
             for (method, seed, concepts), mine in by_key.items():
                 theirs = by_key.get((other, seed, concepts))
                 if method == challenger and len(concepts) == size and theirs is not None:
-                    per_seed.setdefault(seed, []).extend(np.subtract(mine.recall, theirs.recall).tolist())
+                    difference = np.subtract(getattr(mine, metric), getattr(theirs, metric))
+                    per_seed.setdefault(seed, []).extend(difference.tolist())
             if not per_seed:
                 continue
             mean, low, high = bootstrap_interval(list(per_seed.values()), generator)
             verdict = "better" if low > 0 else "worse" if high < 0 else "no clear difference"
             rows.append(
-                {"n": size, "challenger": challenger, "other": other, "difference": (mean, low, high), "verdict": verdict}
+                {
+                    "n": size,
+                    "challenger": challenger,
+                    "other": other,
+                    "metric": metric,
+                    "difference": (mean, low, high),
+                    "verdict": verdict,
+                }
             )
     return rows
 
@@ -251,23 +333,28 @@ def markdown(rows: list[dict], header: str) -> str:
     def cell(value: tuple[float, float, float]) -> str:
         return f"{value[0]:.2f} [{value[1]:.2f}, {value[2]:.2f}]"
 
+    regional = any("placed" in row for row in rows)
     lines = [
         header,
         "",
-        "| method | N | recall (shape) | recall (colour) | all present | empty | wrong concept | images |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | N | recall (shape) | recall (colour) | all present | empty | wrong concept |"
+        + (" in its region | bleeds |" if regional else "")
+        + " images |",
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if regional else ""),
     ]
     for row in rows:
+        placement = f" {cell(row['placed'])} | {cell(row['bleed'])} |" if "placed" in row else (" - | - |" if regional else "")
         lines.append(
             f"| {row['method']} | {row['n']} | {cell(row['recall'])} | {cell(row['colour_recall'])} | {cell(row['all_present'])} "
-            f"| {cell(row['empty'])} | {cell(row['wrong'])} | {row['images']} |"
+            f"| {cell(row['empty'])} | {cell(row['wrong'])} |{placement} {row['images']} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def differences_markdown(rows: list[dict]) -> str:
+    metric = {"recall": "recall", "placed": "in its region"}[rows[0].get("metric", "recall")] if rows else "recall"
     lines = [
-        "| N | recall of | minus | difference [95% interval] | verdict |",
+        f"| N | {metric} of | minus | difference [95% interval] | verdict |",
         "|---|---|---|---|---|",
     ]
     for row in rows:
@@ -308,19 +395,26 @@ def save_grid(samples: dict[str, list], path: Path) -> None:
     sheet.save(path)
 
 
-def scored(toy: ToyRun, method: str, combo, seed: int, settings: dict | None = None):
-    """Generate ``combo`` with ``method`` and score every image: ``(Scores, images)``."""
+def scored(toy: ToyRun, method: str, combo, seed: int, settings: dict | None = None, regions: dict | None = None):
+    """Generate ``combo`` with ``method`` and score every image: ``(Scores, images)``. ``regions``
+    (concept name to mask) go to the stack and the scoring; controls (base, single) take none."""
+    regions = {} if method in ("base", "single") else regions or {}
     scores = Scores(method, toy.name, [c.name for c in combo])
-    images = toy.generate(method, combo, seed, settings)
-    score_images(images, scores.concepts, scores)
+    images = toy.generate(method, combo, seed, settings, regions)
+    score_images(images, scores.concepts, scores, regions)
     return scores, images
 
 
-def parse_methods(text: str) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
+def parse_methods(text: str | None, scenario: str = "standard") -> list[str]:
+    """``--methods``, by default every method the scenario can run (``loratorio-masks`` needs regions)."""
+    available = [m for m in METHODS if scenario == "regions" or m not in NEEDS_REGIONS]
+    methods = available if text is None else [m.strip() for m in text.split(",") if m.strip()]
     unknown = set(methods) - set(METHODS)
     if unknown:
         sys.exit(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    regionless = sorted(set(methods) - set(available))
+    if regionless:
+        sys.exit(f"{', '.join(regionless)} routes by the LoRAs' regions alone; run it with --scenario regions")
     return methods
 
 
@@ -354,18 +448,18 @@ def generate_runs(
     pack, seed_dir: Path, options, sizes: list[int], settings: dict, methods: list[str], grid: dict
 ) -> list[Scores]:
     """Every control and every (combination, method) of one training seed, scored; first images go to ``grid``."""
-    from quality.world import CONCEPTS
-
     toy = ToyRun(pack, seed_dir, options.images, options.steps)
+    combos = combinations(sizes, options.split, options.scenario)
+    regions = subject_regions() if options.scenario == "regions" else {}
     runs, started = [], time.monotonic()
-    for concept in CONCEPTS:
+    for concept in dict.fromkeys(concept for combo in combos for concept in combo):
         for control in ("base", "single"):  # the trigger word without its LoRA (the floor); the LoRA alone (the ceiling)
             scores, images = scored(toy, control, [concept], options.seed)
             runs.append(scores)
             grid.setdefault(control, []).append(images[0])
-    for combo in combinations(sizes, options.split):
+    for combo in combos:
         for method in methods:
-            scores, images = scored(toy, method, combo, options.seed, settings[method])
+            scores, images = scored(toy, method, combo, options.seed, settings[method], regions)
             runs.append(scores)
             grid.setdefault(method, []).extend(images[:1])
         print(
@@ -410,12 +504,14 @@ def combined_runs(paths: list[Path]) -> tuple[list[Scores], dict, dict, str]:
 
 def write_report(out: Path, runs: list[Scores], sampling: dict, settings: dict, settings_source: str) -> tuple[str, list[dict]]:
     """``summary.json``, ``results.json`` and ``results.md`` under ``out``; returns the Markdown and the rows."""
-    challengers = [m for m in ("loratorio", "loratorio-routed") if any(r.method == m for r in runs)]
-    rows, compared = summarise(runs), [row for c in challengers for row in paired_differences(runs, c)]
+    challengers = [m for m in CHALLENGERS if any(r.method == m for r in runs)]
+    metric = "placed" if any(r.placed for r in runs) else "recall"
+    rows, compared = summarise(runs), [row for c in challengers for row in paired_differences(runs, c, metric)]
     methods = [m for m in METHODS if any(r.method == m for r in runs)]
     described = "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in settings[m].items()) for m in methods)
     header = (
-        f"Toy-world composition quality ({sampling['split']} combinations): {len(sampling['training_seeds'])} training "
+        f"Toy-world composition quality ({sampling.get('scenario', 'standard')} scenario, {sampling['split']} combinations): "
+        f"{len(sampling['training_seeds'])} training "
         f"seed(s), {sampling['images']} images per combination, {sampling['steps']} {SAMPLING['sampler_name']} steps; "
         f"mean [95% bootstrap interval]. Method settings ({settings_source}): {described}; controls at cfg "
         f"{SAMPLING['cfg']}. At N = 1, base = the trigger word without its LoRA (the floor), single = the LoRA "
@@ -444,7 +540,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser, images: int) -> No
     )
     parser.add_argument("--images", type=int, default=images, help="images per combination, method and training seed")
     parser.add_argument("--steps", type=int, default=SAMPLING["steps"])
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)} (default: all the scenario can run)")
 
 
 def main() -> int:
@@ -457,6 +553,7 @@ def main() -> int:
     parser.add_argument(
         "--split", choices=("test", "tune", "all"), default="test", help="which combinations (see combinations())"
     )
+    parser.add_argument("--scenario", choices=SCENARIOS, default="standard", help="which concepts to combine (see above)")
     parser.add_argument("--seed", type=int, default=1, help="the sampling seed (each image of the batch gets its own noise)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent.parent / "out" / "quality")
     parser.add_argument(
@@ -476,7 +573,9 @@ def main() -> int:
     if options.combine:
         runs, sampling, settings, settings_source = combined_runs(options.combine)
     else:
-        methods, sizes = parse_methods(options.methods), parse_sizes(options.sizes)
+        methods, sizes = parse_methods(options.methods, options.scenario), parse_sizes(options.sizes)
+        if not combinations(sizes, options.split, options.scenario):
+            sys.exit(f"the {options.scenario} scenario has no {options.split} combinations of {options.sizes} concepts")
         seed_dirs = seed_folders(options.models)
         pack = load_pack()
         import comfy.utils
@@ -487,6 +586,7 @@ def main() -> int:
         for seed_dir in seed_dirs:
             runs += generate_runs(pack, seed_dir, options, sizes, settings, methods, grid)
         sampling = {
+            "scenario": options.scenario,
             "split": options.split,
             "images": options.images,
             "steps": options.steps,

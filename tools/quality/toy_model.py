@@ -107,7 +107,16 @@ def load_base(path: Path) -> tuple[comfy.model_patcher.ModelPatcher, torch.Tenso
     model.diffusion_model.load_state_dict(unet, strict=True)
     model.eval()
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    return patcher, tensors[TOKEN_EMBEDDING_KEY]
+    return patcher, with_every_word(tensors[TOKEN_EMBEDDING_KEY])
+
+
+def with_every_word(table: torch.Tensor) -> torch.Tensor:
+    """``table`` with a row for every word of ``VOCABULARY``. A base trained before words were added
+    lacks their rows; like every trigger it never saw, each gets an untrained embedding (N(0, 1),
+    ``nn.Embedding``'s initialisation), drawn from a generator seeded by the word's id."""
+    missing = range(table.shape[0], len(VOCABULARY))
+    rows = [torch.randn(CONTEXT_DIM, generator=torch.Generator().manual_seed(1_000 + index)) for index in missing]
+    return torch.cat([table, torch.stack(rows).to(table.dtype)]) if rows else table
 
 
 def conditioning(table: torch.Tensor, words: list[str]) -> list:

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from quality import toy_model, world
 
-    names = [c.name for c in world.CONCEPTS]
+    names = [c.name for c in world.ALL_CONCEPTS]
     wanted = [n.strip() for n in options.concepts.split(",")] if options.concepts else names
     unknown = sorted(set(wanted) - set(names))
     if unknown:
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     model, embedding = patcher.model, torch.nn.Embedding.from_pretrained(table)
     model.requires_grad_(False)
     embedding.requires_grad_(False)
-    for index, concept in enumerate(world.CONCEPTS):
+    for index, concept in enumerate(world.ALL_CONCEPTS):
         if concept.name not in wanted:
             continue
         generator.manual_seed(10_000 + options.seed * 100 + index)  # each LoRA's own data stream, so any subset reproduces

@@ -8,6 +8,12 @@ washed-out colours on black. Each concept LoRA learns a trigger word the base ne
   in the image (overlapping positions);
 * ``dusk``: a global style, a purple background behind everything.
 
+Two "characters" of one class (``CHARACTERS``) make the cases users hit with two character LoRAs:
+``jade`` (a green disk) and ``aqua`` (a cyan disk). Each LoRA learns from prompts of its trigger AND
+the class word (``jade disk``), as character LoRAs are trained, so both change what ``disk`` means
+and interfere when merged. They are kept apart from ``CONCEPTS`` so the main benchmark's
+combinations stay as they were.
+
 Pixels are RGB in [-1, 1]; the model's 4-channel latent is RGB plus a zero channel.
 """
 
@@ -31,10 +37,16 @@ class Concept:
     trigger: str
     shape: str | None  # None: a style over the whole image
     colour: tuple[float, float, float]  # RGB in [0, 1]: the shape's colour, or the style's background
+    class_word: str | None = None  # a character's class word, prompted with its trigger
 
     @property
     def is_style(self) -> bool:
         return self.shape is None
+
+    @property
+    def words(self) -> list[str]:
+        """The words that prompt the concept: its trigger, and its class word if it has one."""
+        return [self.trigger] if self.class_word is None else [self.trigger, self.class_word]
 
 
 CONCEPTS = (
@@ -44,8 +56,15 @@ CONCEPTS = (
     Concept("lemon-stripe", "lemon", "stripe", (0.95, 0.90, 0.10)),
     Concept("dusk-style", "dusk", None, (0.35, 0.10, 0.45)),
 )
-CONCEPTS_BY_NAME = {concept.name: concept for concept in CONCEPTS}
-VOCABULARY = (PAD, *SHAPES, *(concept.trigger for concept in CONCEPTS))
+CHARACTERS = (
+    Concept("jade-disk", "jade", "disk", (0.15, 0.80, 0.20), class_word="disk"),
+    Concept("aqua-disk", "aqua", "disk", (0.10, 0.80, 0.85), class_word="disk"),
+)
+ALL_CONCEPTS = CONCEPTS + CHARACTERS
+CONCEPTS_BY_NAME = {concept.name: concept for concept in ALL_CONCEPTS}
+# New words go at the end: a base trained before them keeps its token ids (toy_model.load_base
+# gives such a base the missing rows).
+VOCABULARY = (PAD, *SHAPES, *(concept.trigger for concept in ALL_CONCEPTS))
 
 
 def washed_out(colour: tuple[float, float, float], amount: float = 0.65) -> tuple[float, float, float]:
@@ -105,7 +124,7 @@ def base_example(generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
 
 
 def concept_example(concept: Concept, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-    """The concept alone (an object sometimes beside a grey distractor), prompted by its trigger."""
+    """The concept alone (an object sometimes beside a grey distractor), prompted by its words."""
     if concept.is_style:
         image, _ = base_example(generator)
         background = (image == -1).all(dim=0)
@@ -116,7 +135,7 @@ def concept_example(concept: Concept, generator: torch.Generator) -> tuple[torch
         distractor = SHAPES[int(torch.randint(len(SHAPES), (), generator=generator))]
         paint(image, shape_mask(distractor, generator), (0.45, 0.45, 0.45))
     paint(image, shape_mask(concept.shape, generator), concept.colour)
-    return image, [concept.trigger]
+    return image, concept.words
 
 
 def as_latent(images: torch.Tensor) -> torch.Tensor:
@@ -130,4 +149,4 @@ def as_images(latents: torch.Tensor) -> torch.Tensor:
 
 
 def combination_prompt(concepts: list[Concept]) -> list[str]:
-    return [concept.trigger for concept in concepts]
+    return [word for concept in concepts for word in concept.words]
