@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytestmark = pytest.mark.server
@@ -143,6 +144,9 @@ def test_the_toy_demo_nodes_are_not_part_of_the_pack(pack):
         assert Path(inspect.getfile(cls)).parent == PACK_DIR / "nodes", f"{name} does not come from nodes/"
     with pytest.raises(ValueError, match="does not know \\['knight'\\]"):
         toy.ToyWorldPrompt().encode("ruby knight", "toy-base.safetensors")
+    # the characters' words came after the shipped base was trained; they encode all the same
+    ((encoded, _),) = toy.ToyWorldPrompt().encode("jade disk aqua disk", "toy-base.safetensors")[0]
+    assert encoded.shape[1] == 6 and torch.isfinite(encoded).all() and not torch.equal(encoded[0, 0], encoded[0, 2])
 
 
 def test_toy_templates_run_as_they_are_and_show_the_concepts(toy_server, tmp_path):

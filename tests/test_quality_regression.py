@@ -29,6 +29,18 @@ PAIRS = (("amber-triangle", "cobalt-square"), ("ruby-disk", "lemon-stripe"), ("c
 SINGLE_FLOOR = 0.5
 PAIR_FLOORS = {"loratorio": 0.3, "merge": 0.18, "switch": 0.02}
 LORATORIO_LEAD_OVER_COMPOSITE = 0.25
+# The harness's character scenarios (--scenario same-class / regions; README, "Characters and
+# regions"), seed 0's first 16 images: the two same-class characters jade and aqua (each alone 1.0)
+# merged 0.06, LoRAtorio 0.22, single pass 0.41; ruby's disk and cobalt's square confined to the
+# left and right halves, in their own half: Composite 0.59, LoRAtorio 0.50, single pass from the
+# masks 0.47, with no colour bleeding out of its half in any image (Merge, without regions: 0.19).
+# Floors leave three or four subjects of slack, the bleed ceiling one image.
+CHARACTERS = ("jade-disk", "aqua-disk")
+TWO_SUBJECTS = ("ruby-disk", "cobalt-square")
+CHARACTERS_MERGE_CEILING = 0.19
+CHARACTERS_LEAD_OVER_MERGE = {"loratorio": 0.06, "loratorio-routed": 0.2}
+REGION_FLOORS = {"composite": 0.45, "loratorio": 0.38, "loratorio-masks": 0.35}
+REGION_BLEED_CEILING = 0.07
 
 
 @pytest.fixture(scope="module")
@@ -42,23 +54,29 @@ def toy(pack):
         patch.setitem(folder_paths.folder_names_and_paths, "loras", folder_paths.folder_names_and_paths["loras"])
         yield ToyRun(pack, MODELS, images=IMAGES, steps=12)
     # the cache holds the run's ModelPatcher; freed at interpreter exit, its __del__ fails noisily
-    recall.cache_clear()
+    scores_of.cache_clear()
 
 
 @functools.cache
-def recall(toy, method: str, names: tuple[str, ...]) -> np.ndarray:
-    from quality.harness import frozen_settings, scored
+def scores_of(toy, method: str, names: tuple[str, ...], regional: bool = False):
+    """The harness's scores of ``method`` on ``names``; ``regional``: with the regions scenario's masks."""
+    from quality.harness import frozen_settings, scored, subject_regions
     from quality.world import CONCEPTS_BY_NAME
 
     settings = frozen_settings()[0].get(method)
-    scores, _ = scored(toy, method, [CONCEPTS_BY_NAME[n] for n in names], seed=1, settings=settings)
-    return np.asarray(scores.recall)
+    regions = subject_regions() if regional else None
+    scores, _ = scored(toy, method, [CONCEPTS_BY_NAME[n] for n in names], seed=1, settings=settings, regions=regions)
+    return scores
+
+
+def recall(toy, method: str, names: tuple[str, ...]) -> np.ndarray:
+    return np.asarray(scores_of(toy, method, names).recall)
 
 
 def test_each_concept_lora_alone_draws_its_concept_and_the_trigger_word_alone_does_not(toy):
-    from quality.world import CONCEPTS
+    from quality.world import ALL_CONCEPTS
 
-    for concept in CONCEPTS:
+    for concept in ALL_CONCEPTS:
         alone, without = recall(toy, "single", (concept.name,)).mean(), recall(toy, "base", (concept.name,)).mean()
         assert alone >= SINGLE_FLOOR, f"{concept.name}: the LoRA alone drew it in {alone:.2f} of the images"
         assert without <= 0.1, f"{concept.name}: the base model drew it without the LoRA in {without:.2f}"
@@ -73,3 +91,18 @@ def test_composing_two_concepts_keeps_recall_above_its_floor(toy, method):
 def test_loratorio_composes_better_than_averaging_the_adapters(toy):
     lead = np.mean([recall(toy, "loratorio", pair).mean() - recall(toy, "composite", pair).mean() for pair in PAIRS])
     assert lead >= LORATORIO_LEAD_OVER_COMPOSITE, f"LoRAtorio minus Composite: {lead:.2f}"
+
+
+@pytest.mark.parametrize("method", sorted(CHARACTERS_LEAD_OVER_MERGE))
+def test_merging_two_characters_of_one_class_interferes_and_routing_keeps_them_apart(toy, method):
+    merge, routed = recall(toy, "merge", CHARACTERS).mean(), recall(toy, method, CHARACTERS).mean()
+    assert merge <= CHARACTERS_MERGE_CEILING, f"Merge drew the same-class characters in {merge:.2f}: no interference left"
+    assert routed - merge >= CHARACTERS_LEAD_OVER_MERGE[method], f"{method} {routed:.2f}, Merge {merge:.2f}"
+
+
+@pytest.mark.parametrize("method", sorted(REGION_FLOORS))
+def test_regions_keep_each_subject_in_its_own_half(toy, method):
+    scores = scores_of(toy, method, TWO_SUBJECTS, regional=True)
+    placed, bleed = np.mean(scores.placed), np.mean(scores.bleed)
+    assert placed >= REGION_FLOORS[method], f"{method}: {placed:.2f} of the subjects in their own half"
+    assert bleed <= REGION_BLEED_CEILING, f"{method}: a subject's colour bled out of its half in {bleed:.2f} of the images"

@@ -100,7 +100,7 @@ def test_toy_lora_is_read_fully_by_comfyuis_lora_loader_and_the_per_row_engine(e
 
 def test_toy_model_samples_through_every_method_of_the_harness(pack, toy_files, monkeypatch):
     import folder_paths
-    from quality.harness import METHODS, NEEDS_REGIONS, Scores, ToyRun, subject_regions, score_images
+    from quality.harness import METHODS, NEEDS_REGIONS, Scores, ToyRun, score_images, subject_regions
 
     folder, concept, _ = toy_files
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", folder_paths.folder_names_and_paths["loras"])

@@ -66,7 +66,7 @@ def base_path(name: str) -> Path:
 @functools.lru_cache(maxsize=4)
 def token_table(path: Path) -> torch.Tensor:
     with safetensors.safe_open(str(path), "pt") as handle:
-        return handle.get_tensor(toy_model.TOKEN_EMBEDDING_KEY).float()
+        return toy_model.with_every_word(handle.get_tensor(toy_model.TOKEN_EMBEDDING_KEY)).float()
 
 
 def words_of(text: str) -> list[str]:
@@ -108,7 +108,10 @@ class ToyWorldPrompt:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "encode"
-    DESCRIPTION = "Toy words as CONDITIONING: shapes (disk triangle square stripe), triggers (ruby amber cobalt lemon dusk)."
+    DESCRIPTION = (
+        "Toy words as CONDITIONING: shapes (disk triangle square stripe), triggers (ruby amber cobalt lemon dusk), "
+        "characters with their class word (jade disk, aqua disk)."
+    )
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
