@@ -234,6 +234,7 @@ def test_runs_made_side_by_side_combine_into_one_report_and_mismatched_ones_are_
     assert combined["training_seeds"] == ["seed-0", "seed-1"] and len(runs) == 4
     table, _ = write_report(tmp_path / "both", runs, combined, DEFAULT_SETTINGS, "defaults")
     assert "2 training seed(s)" in table and "| loratorio | 2 | 0.50 [" in table
+    assert "| recall per combination | merge | loratorio |\n|---|---|---|\n| ruby + cobalt | 0.50 | 0.50 |" in table
     with pytest.raises(SystemExit, match="more than one"):
         combined_runs([tmp_path / "seed-0" / "results.json", tmp_path / "seed-0" / "results.json"])
     altered = json.loads((tmp_path / "seed-1" / "results.json").read_text())

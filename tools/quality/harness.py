@@ -365,6 +365,24 @@ def differences_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_combination_markdown(runs: list[Scores], metric: str = "recall") -> str:
+    """The mean ``metric`` of each combination (rows) and method (columns), over training seeds and images."""
+    import numpy as np
+
+    values: dict[tuple[tuple[str, ...], str], list[float]] = {}
+    for run in runs:
+        if run.method in METHODS:
+            values.setdefault((tuple(run.concepts), run.method), []).extend(map(float, getattr(run, metric)))
+    methods = [m for m in METHODS if any(method == m for _, method in values)]
+    combos = sorted({combo for combo, _ in values}, key=lambda combo: (len(combo), combo))
+    label = {"recall": "recall", "placed": "in its region"}[metric]
+    lines = [f"| {label} per combination | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for combo in combos:
+        cells = [f"{np.mean(values[combo, m]):.2f}" if values.get((combo, m)) else "-" for m in methods]
+        lines.append(f"| {' + '.join(name.split('-')[0] for name in combo)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def means_beyond_tolerance(rows: list[dict], reference: list[dict], tolerance: float) -> list[str]:
     """The (method, N) rows whose mean recall or all-present rate differs from ``reference``'s by
     more than ``tolerance``, one line each; rows missing from either side are not compared."""
@@ -528,7 +546,7 @@ def write_report(out: Path, runs: list[Scores], sampling: dict, settings: dict, 
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "results.json").write_text(json.dumps({**summary, "runs": [asdict(r) for r in runs]}))
-    table = markdown(rows, header) + "\n" + differences_markdown(compared)
+    table = markdown(rows, header) + "\n" + differences_markdown(compared) + "\n" + per_combination_markdown(runs, metric)
     (out / "results.md").write_text(table)
     return table, rows
 
