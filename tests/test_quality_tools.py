@@ -41,10 +41,14 @@ def test_placement_finds_a_character_in_its_own_half_and_its_colour_bleeding_int
     image = world.blank()
     world.paint(image, (ys - 16) ** 2 + (xs - 8) ** 2 <= 36, jade.colour)  # a disk in the left half
     regions = {name: mask.numpy() > 0.5 for name, mask in subject_regions().items()}
-    assert detector.placement(rendered(image), jade, regions["jade-disk"]) == (True, False)
-    assert detector.placement(rendered(image), jade, regions["aqua-disk"]) == (False, True)
+
+    def jade_pixels(image: torch.Tensor) -> np.ndarray:
+        return detector.colour_masks(rendered(image))["jade-disk"]
+
+    assert detector.placement(jade_pixels(image), jade, regions["jade-disk"]) == (True, False)
+    assert detector.placement(jade_pixels(image), jade, regions["aqua-disk"]) == (False, True)
     world.paint(image, (ys - 16) ** 2 + (xs - 8) ** 2 <= 36, world.CONCEPTS_BY_NAME["aqua-disk"].colour)
-    assert detector.placement(rendered(image), jade, regions["jade-disk"]) == (False, False)  # no jade drawn
+    assert detector.placement(jade_pixels(image), jade, regions["jade-disk"]) == (False, False)  # no jade drawn
 
 
 def test_a_base_trained_before_the_characters_gets_their_words_the_same_way_on_every_load(tmp_path):

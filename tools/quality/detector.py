@@ -82,16 +82,19 @@ def concept_found(concept: Concept, mask: np.ndarray, check_shape: bool) -> bool
 
 def detect(image: np.ndarray) -> Detection:
     """Which concepts ``image`` (``[H, W, 3]``, values in [0, 1]) shows."""
-    masks = colour_masks(image.astype(np.float32))
+    return detect_in(colour_masks(image.astype(np.float32)))
+
+
+def detect_in(masks: dict[str, np.ndarray]) -> Detection:
+    """Which concepts the per-concept colour ``masks`` (from :func:`colour_masks`) show."""
     present = frozenset(c.name for c in ALL_CONCEPTS if concept_found(c, masks[c.name], check_shape=True))
     colour_present = frozenset(c.name for c in ALL_CONCEPTS if concept_found(c, masks[c.name], check_shape=False))
     return Detection(present, colour_present)
 
 
-def placement(image: np.ndarray, concept: Concept, region: np.ndarray) -> tuple[bool, bool]:
-    """``(placed, bleeds)`` of object ``concept`` in ``image`` (``[H, W, 3]`` in [0, 1]) against its
-    boolean ``[H, W]`` ``region``."""
-    mask = colour_masks(image.astype(np.float32))[concept.name]
+def placement(mask: np.ndarray, concept: Concept, region: np.ndarray) -> tuple[bool, bool]:
+    """``(placed, bleeds)`` of object ``concept``, whose colour covers ``mask`` (from
+    :func:`colour_masks`), against its boolean ``[H, W]`` ``region``."""
     bleeds = int((mask & ~region).sum()) >= MIN_AREA
     if not concept_found(concept, mask, check_shape=True):
         return False, bleeds

@@ -94,20 +94,22 @@ class Scores:
 
 def score_images(images, concepts: list[str], scores: Scores, regions: dict | None = None) -> None:
     """Score each image for ``concepts``; ``regions`` (concept name to ``[H, W]`` mask) adds placement."""
-    from quality.detector import detect, placement
+    from quality.detector import colour_masks, detect_in, placement
     from quality.world import CONCEPTS_BY_NAME
 
     expected = set(concepts)
     regional = [name for name in concepts if name in (regions or {})]
+    inside = {name: regions[name].numpy() > 0.5 for name in regional}
     for image in images:
-        found = detect(image)
+        masks = colour_masks(image.astype("float32"))
+        found = detect_in(masks)
         scores.recall.append(len(expected & found.present) / len(expected))
         scores.colour_recall.append(len(expected & found.colour_present) / len(expected))
         scores.all_present.append(expected <= found.present)
         scores.empty.append(not found.colour_present)
         scores.wrong.append(bool(found.colour_present - expected))
         if regional:
-            placements = [placement(image, CONCEPTS_BY_NAME[name], regions[name].numpy() > 0.5) for name in regional]
+            placements = [placement(masks[name], CONCEPTS_BY_NAME[name], inside[name]) for name in regional]
             scores.placed.append(sum(placed for placed, _ in placements) / len(regional))
             scores.bleed.append(any(bled for _, bled in placements))
 
