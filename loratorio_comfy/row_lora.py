@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from .adapters import LowRankFactor
+from .cross_attention_routing import cross_attention_routers
 from .token_routing import RoutedCall, conv_weights, token_grids, token_weights
 
 LOG = logging.getLogger("comfyui-loratorio")
@@ -264,9 +265,18 @@ class RowLoRAHook:
     """The forward hook of one layer for one forward: adds each row's adapter delta to the output."""
 
     def __init__(
-        self, module: torch.nn.Module, name: str, layers: RowLayers, plan: RowPlan, routed: RoutedCall | None = None
+        self,
+        module: torch.nn.Module,
+        name: str,
+        layers: RowLayers,
+        plan: RowPlan,
+        routed: RoutedCall | None = None,
+        routed_elsewhere: bool = False,
     ) -> None:
+        """``routed_elsewhere``: this layer's routed rows get their deltas from another hook (the
+        per-query text keys and values of :mod:`.cross_attention_routing`), so this one skips them."""
         self.name, self.layers, self.plan, self.routed = name, layers, plan, routed
+        self.routed_rows = () if routed_elsewhere else plan.routed
         self.conv = isinstance(module, torch.nn.modules.conv._ConvNd)
         if self.conv:
             self.conv_args = {"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
@@ -289,7 +299,7 @@ class RowLoRAHook:
             if rows is not None:
                 added = self._dense(x.index_select(0, rows), delta, output.shape)
                 output.index_add_(0, rows, added.to(output.dtype))
-        for start, stop in plan.routed:
+        for start, stop in self.routed_rows:
             self._add_routed(x[start:stop], output[start:stop], layer)
         return output
 
@@ -353,12 +363,18 @@ class RowLoRAHook:
 def row_loras_installed(
     diffusion_model: torch.nn.Module, layers: RowLayers, plan: RowPlan, routed: RoutedCall | None = None
 ) -> Iterator[None]:
-    """Hooks with ``plan`` on the layers of ``diffusion_model`` for the duration of the block, always removed."""
+    """Hooks with ``plan`` on the layers of ``diffusion_model`` for the duration of the block, always
+    removed; with routed rows, the cross-attentions' per-query text keys and values too."""
+    routers = cross_attention_routers(diffusion_model, layers, plan, routed) if routed is not None else []
+    per_query = {name for router in routers for name in router.text_layers.values()}
     handles = []
     try:
         for name in layers.layers:
             module = diffusion_model.get_submodule(name)
-            handles.append(module.register_forward_hook(RowLoRAHook(module, name, layers, plan, routed)))
+            hook = RowLoRAHook(module, name, layers, plan, routed, routed_elsewhere=name in per_query)
+            handles.append(module.register_forward_hook(hook))
+        for router in routers:  # after the layers' own hooks, so that the queries it keeps have their deltas
+            handles += router.install()
         yield
     finally:
         for handle in handles:

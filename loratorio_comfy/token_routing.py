@@ -10,10 +10,10 @@ Which tokens are image tokens, and on which grid: a layer's input ``[B, T, C]`` 
 ``T`` is the token count of the latent at one of the model's resolutions (UNets: the latent
 halved 0 to 4 times; DiTs: the latent in ``patch x patch`` tokens), and a joint layer (Flux's
 single blocks) holds text tokens first and the image tokens last. Convolutions are spatial at
-their output size. Every other input (text tokens: the cross-attention K/V of UNets, the text
-stream of SD3 and Flux; per-sample vectors: time and pooled embeddings) gets each adapter's mean
-weight over the image: the text K/V of a routed row is the weighted blend of the adapters' K/V,
-not chosen per image query (what this drops is measured against full LoRAtorio in the README).
+their output size. The UNets' cross-attention keys and values are chosen per image query instead
+(:mod:`.cross_attention_routing`). Every other input (text tokens: the text stream of SD3 and
+Flux; per-sample vectors: time and pooled embeddings) gets each adapter's mean weight over the
+image: a DiT's text keys and values in a routed row are the weighted blend of the adapters'.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class RoutedCall:
     grids: tuple[tuple[int, int], ...]
     joint_grid: tuple[int, int] | None  # DiTs: the one grid whose tokens may follow text tokens
     _resized: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    _active: tuple[int, ...] | None = None
 
     def on_grid(self, height: int, width: int) -> torch.Tensor:
         """``[R, N, height, width]`` by area averaging (cached for the call)."""
@@ -45,6 +46,13 @@ class RoutedCall:
             cached = source if source.shape[-2:] == (height, width) else F.interpolate(source, size=(height, width), mode="area")
             self._resized[(height, width)] = cached
         return cached
+
+    def active(self) -> tuple[int, ...]:
+        """The adapters with some weight anywhere in the map (read back once per call)."""
+        if self._active is None:
+            peaks = self.weights.amax(dim=(0, 2, 3)).tolist()
+            self._active = tuple(adapter for adapter, peak in enumerate(peaks) if peak > 0)
+        return self._active
 
     def mean(self) -> torch.Tensor:
         """``[R, N]``: each adapter's mean weight over the image."""

@@ -22,7 +22,7 @@ from .loratorio import (
 )
 from .patches import expand_patches, patch_cosine_similarity, patch_grid
 from .regions import Region, RegionMaps, region_maps, regional_mean, resize_mask, weighted_with_base
-from .routed import RoutedSchedule, mask_routing, routing_map
+from .routed import RoutedSchedule, mask_routing, per_query_attention_shift, routing_map
 from .schedule import FULL_WINDOW, StepWindow, active_adapters, budget_factor, switch_adapter
 from .switch import DEFAULT_TAU, SwitchSchedule, step_index
 from .tensors import classifier_free_guidance, denoised_to_noise, noise_to_denoised
@@ -61,6 +61,7 @@ __all__ = [
     "noise_to_denoised",
     "patch_cosine_similarity",
     "patch_grid",
+    "per_query_attention_shift",
     "recentred_uncond",
     "region_maps",
     "regional_mean",

@@ -9,6 +9,11 @@ uncond (``lambda = 1`` on routed steps): 2 rows whatever N is.
 Full steps: the first ``full_steps`` steps, then every ``refresh_every``-th step after them
 (0 = never). With ``full_steps = 0`` the map comes from the adapters' regions alone
 (:func:`mask_routing`).
+
+Text tokens are shared by every image query, so a LoRA's delta on the keys and values a
+cross-attention computes from the prompt cannot be gated per token. Each image query instead
+attends through the keys and values of the adapters it is routed to
+(:func:`per_query_attention_shift`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 from .regions import Region, region_maps, region_shares
@@ -50,3 +56,30 @@ def mask_routing(regions: Sequence[Region | None], batch: int, height: int, widt
     if all(region is None for region in regions):
         raise ValueError("a routing map from masks alone needs at least one region (LoRA Region Mask), or full steps > 0")
     return region_shares(region_maps(regions, batch, height, width, device)).transpose(0, 1)
+
+
+def per_query_attention_shift(query: Tensor, keys: Tensor, values: Tensor, weights: Tensor, heads: int) -> Tensor:
+    """What per-query text keys and values add to a routed row's cross-attention output.
+
+    ``query [R, T, H*d]`` (the routed row's image queries), ``keys [1 + n, R, L, H*d]`` and
+    ``values [1 + n, R, L, H*d]`` (index 0: the base model's ``K_0, V_0``; index ``i``: adapter
+    ``i``'s, ``K_i = K_0 + dK_i``), ``weights [R, T, n]`` (each query's routing weights ``w_i(t)``).
+    With ``Attn`` the scaled dot-product attention over ``heads`` heads::
+
+        shift(t) = sum_i w_i(t) * (Attn(q_t, K_i, V_i) - Attn(q_t, K_0, V_0))
+
+    Added to ``Attn(q_t, K_0, V_0)`` it gives ``sum_i w_i Attn(q_t, K_i, V_i) + (1 - sum_i w_i)
+    Attn(q_t, K_0, V_0)``: a query routed wholly to adapter ``i`` attends exactly as in adapter
+    ``i``'s own row. Returns ``[R, T, H*d]``.
+    """
+    sets, rows, tokens, inner = keys.shape[0], query.shape[0], query.shape[1], query.shape[-1]
+    if inner % heads:
+        raise ValueError(f"{inner} query channels do not split into {heads} heads")
+
+    def split_heads(tensor: Tensor) -> Tensor:  # [S, R, L, H*d] -> [S*R, H, L, d]
+        return tensor.reshape(sets * rows, tensor.shape[2], heads, -1).transpose(1, 2)
+
+    queries = split_heads(query.unsqueeze(0).expand(sets, -1, -1, -1))
+    attended = F.scaled_dot_product_attention(queries, split_heads(keys), split_heads(values))
+    attended = attended.transpose(1, 2).reshape(sets, rows, tokens, -1)
+    return torch.einsum("rti,irtc->rtc", weights.to(attended.dtype), attended[1:] - attended[:1])

@@ -53,6 +53,72 @@ def test_token_gating_follows_the_map(engine, tiny_model_factory, loras_folder):
     torch.testing.assert_close(nothing, base, rtol=1e-5, atol=1e-6)
 
 
+def cross_attention_rows(engine, patcher, adapters, routing: torch.Tensor, row_map: tuple[int, ...]) -> list[torch.Tensor]:
+    """One call of the first full-resolution cross-attention (``attn2``) with rows of ``row_map``,
+    the per-row and per-query hooks installed as for a model call; its output per row."""
+    from comfyui_loratorio.loratorio_comfy.token_routing import RoutedCall, token_grids
+
+    diffusion_model = patcher.model.diffusion_model
+    layers = adapters.row_layers
+    name = next(n.rsplit(".", 1)[0] for n in layers.layers if n.endswith("attn2.to_k"))
+    attention = diffusion_model.get_submodule(name)
+    height, width = routing.shape[-2:]
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(1, height * width, attention.to_q.in_features, generator=generator).repeat(len(row_map), 1, 1)
+    context = torch.randn(1, 7, attention.to_k.in_features, generator=generator).repeat(len(row_map), 1, 1)
+    call = RoutedCall(routing, *token_grids(diffusion_model, height, width))
+    plan = layers.plan(row_map, x.device)
+    with torch.no_grad(), engine.row_lora.row_loras_installed(diffusion_model, layers, plan, call):
+        out = attention(x, context=context)
+    return list(out.chunk(len(row_map)))
+
+
+def test_each_image_query_attends_through_its_own_loras_text_keys(engine, tiny_model_factory, loras_folder):
+    """Left half routed to LoRA 0 (low rank), right half to LoRA 1 (LoKr, a dense delta): every token
+    of a cross-attention's routed row is exactly that token's LoRA's row (its query, the text keys
+    and values of its own LoRA, the output projection); a soft map gives neither."""
+    from support.lora_files import write_lycoris
+
+    patcher = tiny_model_factory("sd15")
+    files = [
+        write_lora(loras_folder / "query0.safetensors", "sd15", patcher.model, "kohya", seed=70),
+        write_lycoris(loras_folder / "query1.safetensors", "sd15", patcher.model, "lokr", seed=71),
+    ]
+    adapters = engine.adapter_set.AdapterSet(patcher, [(f.name, 1.0) for f in files])
+    routing = torch.zeros(1, 2, 16, 16)
+    routing[:, 0, :, :8] = 1.0
+    routing[:, 1, :, 8:] = 1.0
+    routed, first, second, base = cross_attention_rows(engine, patcher, adapters, routing, (-2, 0, 1, -1))
+    left = torch.zeros(16, 16, dtype=torch.bool)
+    left[:, :8] = True
+    expected = torch.where(left.flatten()[None, :, None], first, second)
+    assert not torch.allclose(first, second, atol=1e-3) and not torch.allclose(first, base, atol=1e-3)
+    torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    half, *_ = cross_attention_rows(engine, patcher, adapters, torch.full((1, 2, 16, 16), 0.5), (-2, 0, 1))
+    assert not torch.allclose(half, first, atol=1e-3) and not torch.allclose(half, second, atol=1e-3)
+
+
+def test_per_query_attention_shift_is_each_querys_own_attention():
+    """The core formula against attention computed query by query."""
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 5, 8, generator=generator)
+    keys, values = torch.randn(3, 2, 4, 8, generator=generator), torch.randn(3, 2, 4, 8, generator=generator)
+    weights = torch.rand(2, 5, 2, generator=generator) / 2
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # two heads of 4
+        heads = [torch.softmax(q[:, h] @ k[:, h].T / 2, dim=-1) @ v[:, h] for h in range(2)]
+        return torch.cat(heads, dim=-1)
+
+    shift = lc.per_query_attention_shift(query, keys, values, weights, heads=2)
+    for r in range(2):
+        q = query[r].reshape(5, 2, 4)
+        own = [attention(q, keys[i, r].reshape(4, 2, 4), values[i, r].reshape(4, 2, 4)) for i in range(3)]
+        expected = sum(weights[r, :, i - 1 : i] * (own[i] - own[0]) for i in (1, 2))
+        torch.testing.assert_close(shift[r], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="heads"):
+        lc.per_query_attention_shift(query, keys, values, weights, heads=3)
+
+
 def test_token_weights_use_the_right_grid():
     from comfyui_loratorio.loratorio_comfy.token_routing import RoutedCall, token_grids, token_weights
 
