@@ -62,8 +62,8 @@ def loratorio_guider(
     adapter_positive=None,
     adapter_negative=None,
     routing="every step",
-    full_steps=3,
-    refresh_every=0,
+    full_steps=lc.DEFAULT_FULL_STEPS,
+    refresh_every=lc.DEFAULT_REFRESH_EVERY,
 ):
     if routing not in ROUTING_MODES:
         raise LoRAInputError(f"routing is {routing!r}; use one of {', '.join(ROUTING_MODES)}")

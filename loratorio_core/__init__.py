@@ -22,15 +22,24 @@ from .loratorio import (
 )
 from .patches import expand_patches, patch_cosine_similarity, patch_grid
 from .regions import Region, RegionMaps, region_maps, regional_mean, resize_mask, weighted_with_base
-from .routed import RoutedSchedule, mask_routing, per_query_attention_shift, routing_map
+from .routed import (
+    DEFAULT_FULL_STEPS,
+    DEFAULT_REFRESH_EVERY,
+    RoutedSchedule,
+    mask_routing,
+    per_query_attention_shift,
+    routing_map,
+)
 from .schedule import FULL_WINDOW, StepWindow, active_adapters, budget_factor, switch_adapter
 from .switch import DEFAULT_TAU, SwitchSchedule, step_index
 from .tensors import classifier_free_guidance, denoised_to_noise, noise_to_denoised
 from .weights import TOP_K_MODES, TopKMode, softmin_weights, top_k_mask
 
 __all__ = [
+    "DEFAULT_FULL_STEPS",
     "DEFAULT_LAMBDA",
     "DEFAULT_PATCH_SIZE",
+    "DEFAULT_REFRESH_EVERY",
     "DEFAULT_TAU",
     "DEFAULT_TEMPERATURE",
     "DEFAULT_TOP_K",

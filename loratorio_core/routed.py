@@ -8,7 +8,7 @@ uncond (``lambda = 1`` on routed steps): 2 rows whatever N is.
 
 Full steps: the first ``full_steps`` steps, then every ``refresh_every``-th step after them
 (0 = never). With ``full_steps = 0`` the map comes from the adapters' regions alone
-(:func:`mask_routing`).
+(:func:`mask_routing`) on every step, and ``refresh_every`` is ignored.
 
 Text tokens are shared by every image query, so a LoRA's delta on the keys and values a
 cross-attention computes from the prompt cannot be gated per token. Each image query instead
@@ -27,11 +27,16 @@ from torch import Tensor
 
 from .regions import Region, region_maps, region_shares
 
+# Chosen on the toy benchmark's tuning split (docs/quality-single-pass.md): without refreshes the
+# map of the first, noisiest steps is nearly flat, and single pass scores below LoRA Merge.
+DEFAULT_FULL_STEPS = 2
+DEFAULT_REFRESH_EVERY = 3
+
 
 @dataclass(frozen=True)
 class RoutedSchedule:
-    full_steps: int = 3
-    refresh_every: int = 0
+    full_steps: int = DEFAULT_FULL_STEPS
+    refresh_every: int = DEFAULT_REFRESH_EVERY
 
     def __post_init__(self) -> None:
         for name, value in (("full_steps", self.full_steps), ("refresh_every", self.refresh_every)):
@@ -42,7 +47,7 @@ class RoutedSchedule:
         """Whether ``step`` runs every adapter's rows (and refreshes the routing map)."""
         if step < self.full_steps:
             return True
-        return self.refresh_every > 0 and (step - self.full_steps + 1) % self.refresh_every == 0
+        return self.full_steps > 0 and self.refresh_every > 0 and (step - self.full_steps + 1) % self.refresh_every == 0
 
 
 def routing_map(weights: Tensor) -> Tensor:

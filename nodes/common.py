@@ -143,11 +143,21 @@ def routing_inputs() -> dict[str, tuple]:
         ),
         "full_steps": (
             "INT",
-            tip("single pass: the first steps that run every LoRA's rows; 0 takes the map from region masks.", default=3, min=0),
+            tip(
+                "single pass: the first steps that run every LoRA's rows; 0 takes the map from region masks alone "
+                "(no full step at all).",
+                default=lc.DEFAULT_FULL_STEPS,
+                min=0,
+            ),
         ),
         "refresh_every": (
             "INT",
-            tip("single pass: after the first full steps, every n-th step is full again (0 = never).", default=0, min=0),
+            tip(
+                "single pass: after the first full steps, every n-th step is full again and refreshes the map "
+                "(0 = never: cheaper, but the first steps' map is nearly flat and composes weakly).",
+                default=lc.DEFAULT_REFRESH_EVERY,
+                min=0,
+            ),
         ),
     }
 

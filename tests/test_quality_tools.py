@@ -305,3 +305,33 @@ def test_bad_method_and_size_options_are_refused_with_what_to_pass():
     for bad in ("2,x", "1,2", "6", ""):
         with pytest.raises(SystemExit, match=r"--sizes .*from 2 to 5, e\.g\. 2,3,4"):
             parse_sizes(bad)
+
+
+def test_compare_runs_pairs_one_method_before_and_after_a_change(tmp_path):
+    """compare_runs.py: the method's per-image difference after minus before, and a refusal for runs made unalike."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from quality.harness import Scores, write_report
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "quality" / "compare_runs.py"
+    sampling = {"scenario": "standard", "split": "test", "images": 64, "steps": 12, "seed": 1}
+
+    def report(name: str, recall: list[float], seed: str, cfg: float = 2.0) -> Path:
+        flags = [False] * len(recall)
+        run = Scores("loratorio-routed", seed, ["ruby-disk", "cobalt-square"], recall, recall, flags, flags, flags)
+        runs = [run]
+        options = {"loratorio-routed": {"cfg": cfg}}
+        write_report(tmp_path / name, runs, {**sampling, "training_seeds": [seed]}, options, "test")
+        return tmp_path / name / "results.json"
+
+    before = [report(f"before-{s}", [0.0, 0.5] * 32, f"seed-{s}") for s in range(2)]
+    after = [report(f"after-{s}", [1.0, 0.5] * 32, f"seed-{s}") for s in range(2)]
+    command = [sys.executable, str(tool), "--method", "loratorio-routed", "--before", *map(str, before), "--after"]
+    done = subprocess.run([*command, *map(str, after)], capture_output=True, text=True, check=True)
+    line = next(row for row in done.stdout.splitlines() if row.startswith("| 2 |"))
+    assert line.startswith("| 2 | loratorio-routed | loratorio-routed before | +0.50 [") and line.endswith("| better |")
+    unalike = [report(f"unalike-{s}", [1.0] * 64, f"seed-{s}", cfg=3.0) for s in range(2)]
+    refused = subprocess.run([*command, *map(str, unalike)], capture_output=True, text=True)
+    assert refused.returncode != 0 and "made alike" in refused.stderr

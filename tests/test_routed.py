@@ -189,5 +189,8 @@ def test_single_pass_from_masks_alone(engine, pack, tiny_model_factory, stack):
 def test_routed_schedule_rules():
     schedule = lc.RoutedSchedule(full_steps=2, refresh_every=3)
     assert [schedule.is_full(step) for step in range(9)] == [True, True, False, False, True, False, False, True, False]
+    masks_only = lc.RoutedSchedule(full_steps=0, refresh_every=3)
+    assert not any(masks_only.is_full(step) for step in range(9)), "the map from the masks alone is never refreshed"
+    assert lc.RoutedSchedule() == lc.RoutedSchedule(lc.DEFAULT_FULL_STEPS, lc.DEFAULT_REFRESH_EVERY)
     with pytest.raises(ValueError, match="full_steps"):
         lc.RoutedSchedule(full_steps=-1)

@@ -230,7 +230,7 @@ class Bench:
 
         return [LORA_FILES.load(lora_path(name), name) for name in self.lora_names[:n]]
 
-    def guider(self, method: str, n: int, routed_full_steps: int = 1):
+    def guider(self, method: str, n: int, routed_full_steps: int = 1, routed_refresh_every: int = 0):
         import comfy.samplers
         import nodes as comfy_nodes
         from comfyui_loratorio.loratorio_comfy import build
@@ -250,7 +250,7 @@ class Bench:
         if method == "loratorio-routed":  # single pass: step 0 full, then one routed row + the base uncond
             return build.loratorio_guider(
                 self.patcher, self.positive, self.negative, stack, cfg, recentre_lambda=0.5, **loratorio,
-                routing="single pass", full_steps=routed_full_steps, refresh_every=0,
+                routing="single pass", full_steps=routed_full_steps, refresh_every=routed_refresh_every,
             )  # fmt: skip
         if method == "loratorio-dynamic":
             return build.loratorio_guider(
@@ -308,8 +308,10 @@ class Bench:
         return time.perf_counter() - start
 
     def whole_run_seconds(self, method: str, n: int, steps: int) -> float:
-        """A warm whole run of ``steps`` steps (single pass: 3 full steps, the node's default)."""
-        guider = self.guider(method, n, routed_full_steps=3)
+        """A warm whole run of ``steps`` steps (single pass: the node's default schedule)."""
+        from comfyui_loratorio import loratorio_core as lc
+
+        guider = self.guider(method, n, lc.DEFAULT_FULL_STEPS, lc.DEFAULT_REFRESH_EVERY)
         self.sample_seconds(guider, STEPS_SHORT)  # warm-up
         return statistics.median(self.sample_seconds(guider, steps) for _ in range(self.options.repeats))
 

@@ -297,17 +297,20 @@ def summarise(runs: list[Scores]) -> list[dict]:
     return rows
 
 
-def paired_differences(runs: list[Scores], challenger: str = "loratorio", metric: str = "recall") -> list[dict]:
-    """Per N and other method, ``challenger``'s ``metric`` minus the other's, image by image (the same
-    sampling seed gives both the same starting noise), with a 95% bootstrap interval (training seeds,
-    then images) and a verdict: better or worse when the interval excludes 0, else no clear difference."""
+def paired_differences(
+    runs: list[Scores], challenger: str = "loratorio", metric: str = "recall", others: list[str] | None = None
+) -> list[dict]:
+    """Per N and other method (``others``, default every method), ``challenger``'s ``metric`` minus
+    the other's, image by image (the same sampling seed gives both the same starting noise), with a
+    95% bootstrap interval (training seeds, then images) and a verdict: better or worse when the
+    interval excludes 0, else no clear difference."""
     import numpy as np
 
     generator = np.random.default_rng(1)
     by_key = {(r.method, r.training_seed, tuple(r.concepts)): r for r in runs}
     rows = []
     for size in sorted({len(r.concepts) for r in runs if r.method == challenger}):
-        for other in (m for m in METHODS if m != challenger):
+        for other in (m for m in (others or METHODS) if m != challenger):
             per_seed: dict[str, list[float]] = {}
             for (method, seed, concepts), mine in by_key.items():
                 theirs = by_key.get((other, seed, concepts))
