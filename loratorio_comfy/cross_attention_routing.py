@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 
 from .. import loratorio_core as lc
 from .token_routing import RoutedCall, token_weights
@@ -35,7 +34,7 @@ from .token_routing import RoutedCall, token_weights
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
-    from .row_lora import LayerDeltas, RowLayers, RowPlan
+    from .row_lora import RowLayers, RowPlan
 
 TEXT_PROJECTIONS = ("to_k", "to_v")
 
@@ -58,33 +57,13 @@ def routed_cross_attentions(diffusion_model: torch.nn.Module, layer_names: Seque
     return {name: module for name, module in modules.items() if is_cross_attention(module)}
 
 
-def adapter_outputs(layer: LayerDeltas, x: torch.Tensor, adapters: Sequence[int], out_features: int) -> torch.Tensor:
-    """``[n, *x.shape[:-1], out_features]``: ``f(x; dW_a)`` of a linear layer for each of ``adapters``
-    (zeros for one without a delta on it)."""
-    outputs = x.new_zeros(len(adapters), *x.shape[:-1], out_features)
-    slot = {adapter: j for j, adapter in enumerate(adapters)}
-    for group in layer.low_rank:
-        members = [(j, slot[adapter]) for j, adapter in enumerate(group.adapters) if adapter in slot]
-        if not members:
-            continue
-        stacked = torch.tensor([j for j, _ in members], device=x.device)
-        hidden = torch.einsum("...c,mrc->m...r", x, group.down.index_select(0, stacked))
-        delta = torch.einsum("m...r,msr->m...s", hidden, group.up.index_select(0, stacked))
-        outputs[[s for _, s in members], ..., group.start : group.start + group.size] += delta
-    for adapter, dense in layer.dense.items():
-        if adapter in slot:
-            added = dense.bias.expand(*x.shape[:-1], -1) if dense.weight is None else F.linear(x, dense.weight, dense.bias)
-            outputs[slot[adapter]] += added
-    return outputs
-
-
 class CrossAttentionRouter:
     """The hooks of one cross-attention for one model call with routed rows (see the module doc)."""
 
     def __init__(self, attention: torch.nn.Module, name: str, layers: RowLayers, plan: RowPlan, call: RoutedCall) -> None:
         self.attention, self.name, self.layers, self.plan, self.call = attention, name, layers, plan, call
         self.text_layers = {p: f"{name}.{p}" for p in TEXT_PROJECTIONS if f"{name}.{p}" in layers.layers}
-        changed = {a for layer_name in self.text_layers.values() for a in _adapters_of(layers.layers[layer_name])}
+        changed = {a for layer_name in self.text_layers.values() for a in layers.layers[layer_name].adapters}
         self.adapters = tuple(sorted(changed & set(call.active())))
         self.kept: dict[str, torch.Tensor] = {}
 
@@ -134,12 +113,8 @@ class CrossAttentionRouter:
         if name is None:
             return base.unsqueeze(0).expand(1 + len(self.adapters), *base.shape)
         layer = self.layers.on(name, text.device, text.dtype)
-        deltas = adapter_outputs(layer, text, self.adapters, base.shape[-1])
+        deltas = layer.linear_outputs(text, self.adapters, base.shape[-1])
         return torch.cat([base.unsqueeze(0), base.unsqueeze(0) + deltas.to(base.dtype)])
-
-
-def _adapters_of(layer: LayerDeltas) -> set[int]:
-    return {a for group in layer.low_rank for a in group.adapters} | set(layer.dense)
 
 
 def cross_attention_routers(

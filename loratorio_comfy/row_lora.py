@@ -84,6 +84,10 @@ class DenseDelta:
     weight: torch.Tensor | None
     bias: torch.Tensor | None
 
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``f(x; dW, db)`` of a linear layer (a bias-only patch: the bias at every position)."""
+        return self.bias.expand(*x.shape[:-1], -1) if self.weight is None else F.linear(x, self.weight, self.bias)
+
 
 @dataclass(frozen=True)
 class LayerDeltas:
@@ -101,6 +105,29 @@ class LayerDeltas:
         tensors = [t for g in self.low_rank for t in (g.down, g.up)]
         tensors += [t for d in self.dense.values() for t in (d.weight, d.bias) if t is not None]
         return sum(t.numel() for t in tensors)
+
+    @property
+    def adapters(self) -> set[int]:
+        """The adapters with a delta on this layer."""
+        return {a for group in self.low_rank for a in group.adapters} | set(self.dense)
+
+    def linear_outputs(self, x: torch.Tensor, adapters: Sequence[int], out_features: int) -> torch.Tensor:
+        """``[n, *x.shape[:-1], out_features]``: ``f(x; dW_a)`` of a linear layer for each of ``adapters``
+        (zeros for one without a delta here)."""
+        outputs = x.new_zeros(len(adapters), *x.shape[:-1], out_features)
+        slot = {adapter: j for j, adapter in enumerate(adapters)}
+        for group in self.low_rank:
+            members = [(j, slot[adapter]) for j, adapter in enumerate(group.adapters) if adapter in slot]
+            if not members:
+                continue
+            stacked = torch.tensor([j for j, _ in members], device=x.device)
+            hidden = torch.einsum("...c,mrc->m...r", x, group.down.index_select(0, stacked))
+            delta = torch.einsum("m...r,msr->m...s", hidden, group.up.index_select(0, stacked))
+            outputs[[s for _, s in members], ..., group.start : group.start + group.size] += delta
+        for adapter, dense in self.dense.items():
+            if adapter in slot:
+                outputs[slot[adapter]] += dense.linear(x)
+        return outputs
 
 
 def group_low_rank(
@@ -326,12 +353,11 @@ class RowLoRAHook:
             output.add_((added * weights.to(added.dtype)).to(output.dtype))
 
     def _dense(self, x: torch.Tensor, delta: DenseDelta, out_shape: torch.Size) -> torch.Tensor:
+        if not self.conv:
+            return delta.linear(x)
         if delta.weight is None:  # a bias-only patch: the bias broadcast over every output position
-            channel_last = delta.bias if not self.conv else delta.bias.reshape(-1, *([1] * (len(out_shape) - 2)))
-            return channel_last.expand(x.shape[0], *out_shape[1:])
-        if self.conv:
-            return self.conv_nd(x, delta.weight, delta.bias, groups=self.groups, **self.conv_args)
-        return F.linear(x, delta.weight, delta.bias)
+            return delta.bias.reshape(-1, *([1] * (len(out_shape) - 2))).expand(x.shape[0], *out_shape[1:])
+        return self.conv_nd(x, delta.weight, delta.bias, groups=self.groups, **self.conv_args)
 
     def _add_low_rank(self, x: torch.Tensor, output: torch.Tensor, group: LowRankGroup, rows: GroupRows) -> None:
         """``output[rows, slice] += f(x[rows]; up @ down)`` per run of rows, accumulated in place."""

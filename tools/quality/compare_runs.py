@@ -33,12 +33,12 @@ def main() -> int:
     if before_sampling != after_sampling or before_settings.get(options.method) != after_settings.get(options.method):
         sys.exit("the two sets differ in sampling or in the method's settings; compare only runs made alike")
     baseline = f"{options.method} before"
-    runs = [r for r in after if r.method == options.method]
-    for run in (r for r in before if r.method == options.method):
-        run.method = baseline
-        runs.append(run)
-    if not any(r.method == baseline for r in runs) or len(runs) == sum(r.method == baseline for r in runs):
+    mine, theirs = ([r for r in runs if r.method == options.method] for runs in (after, before))
+    if not mine or not theirs:
         sys.exit(f"both sets need runs of {options.method}")
+    for run in theirs:
+        run.method = baseline
+    runs = mine + theirs
     metric = "placed" if any(r.placed for r in runs) else "recall"
     print(differences_markdown(paired_differences(runs, options.method, metric, others=[baseline])))
     return 0
