@@ -118,6 +118,22 @@ def test_toy_model_samples_through_every_method_of_the_harness(pack, toy_files, 
         assert len(scores.recall) == len(scores.placed) == 2
 
 
+def test_toy_runs_in_one_process_each_sample_their_own_seeds_loras(pack, toy_files, tmp_path, monkeypatch):
+    """tune.py makes every seed's run first, then samples them in turn: each must use its own LoRAs."""
+    import folder_paths
+    from quality.harness import ToyRun
+
+    folder, concept, _ = toy_files
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", folder_paths.folder_names_and_paths["loras"])
+    alone = ToyRun(pack, folder, images=2, steps=2).generate("single", [concept], seed=1)
+    without_loras = tmp_path / "base-only"
+    without_loras.mkdir()
+    (without_loras / toy_model.BASE_FILE).symlink_to(folder / toy_model.BASE_FILE)
+    first = ToyRun(pack, folder, images=2, steps=2)
+    ToyRun(pack, without_loras, images=2, steps=2)  # made last, not sampled
+    np.testing.assert_array_equal(first.generate("single", [concept], seed=1), alone)
+
+
 def test_tuning_scores_every_candidate_and_keeps_the_best(pack, toy_files, monkeypatch):
     import folder_paths
     from quality import tune

@@ -118,14 +118,19 @@ class ToyRun:
     """One training seed's models, sampled through the pack's nodes."""
 
     def __init__(self, pack, seed_dir: Path, images: int, steps: int):
-        import folder_paths
-
         from quality import toy_model
 
-        self.pack, self.images, self.steps, self.name = pack, images, steps, seed_dir.name
+        self.pack, self.images, self.steps, self.name, self.folder = pack, images, steps, seed_dir.name, seed_dir
         self.model, self.table = toy_model.load_base(seed_dir / toy_model.BASE_FILE)
-        folder_paths.folder_names_and_paths["loras"] = ([str(seed_dir)], folder_paths.supported_pt_extensions)
-        folder_paths.filename_list_cache.pop("loras", None)
+
+    def _use_own_loras(self) -> None:
+        """Point ComfyUI's ``loras`` folder at this seed's LoRAs: several runs may live in one process
+        (tune.py), and each must load its own seed's files, not the last-made run's."""
+        import folder_paths
+
+        if folder_paths.folder_names_and_paths.get("loras", ([],))[0] != [str(self.folder)]:
+            folder_paths.folder_names_and_paths["loras"] = ([str(self.folder)], folder_paths.supported_pt_extensions)
+            folder_paths.filename_list_cache.pop("loras", None)
 
     def stack(self, concepts, strength: float = 1.0) -> list:
         from quality import toy_model
@@ -152,6 +157,7 @@ class ToyRun:
 
         from quality import toy_model, world
 
+        self._use_own_loras()
         positive = toy_model.conditioning(self.table, world.combination_prompt(list(concepts)))
         negative = toy_model.conditioning(self.table, [])
         latent = {"samples": torch.zeros(self.images, world.LATENT_CHANNELS, world.IMAGE_SIZE, world.IMAGE_SIZE)}
