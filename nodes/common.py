@@ -137,7 +137,8 @@ def routing_inputs() -> dict[str, tuple]:
             list(ROUTING_MODES),
             tip(
                 "every step: every LoRA's rows at every step (the paper). single pass: full steps build a routing map, "
-                "the other steps run ONE row whose image tokens each get their routed LoRAs (2 rows, whatever N).",
+                "the other steps run ONE row whose image tokens each get their routed LoRAs, and its uncond "
+                "(3 rows whatever N, 2 at recentre_lambda 1).",
                 default=ROUTING_MODES[0],
             ),
         ),

@@ -14,6 +14,12 @@ For each model and adapter count N it times sampling steps of:
   forward, every step;
 * LoRA Merge: all adapters merged once, one CFG pair per step.
 
+``--interleaved 2:3,2:0`` times warm whole runs instead (``--whole-run-steps``, default 20) of
+KSampler, LoRA Merge, LoRAtorio and single pass at each ``full_steps:refresh_every`` schedule,
+interleaved round by round (KSampler first in each round, every ratio against that round's
+KSampler), so that a machine whose speed drifts between minutes skews them alike; the median of
+``--repeats`` rounds and their range are printed.
+
 Per-step time is ``(T(steps_long) - T(steps_short)) / (steps_long - steps_short)`` of whole
 sampling runs, so set-up costs cancel; each figure is the median of ``--repeats`` runs. Peak
 memory is the process RSS above its level before the run (CPU) or ``max_memory_allocated``
@@ -247,7 +253,7 @@ class Bench:
             return build.loratorio_guider(
                 self.patcher, self.positive, self.negative, stack, cfg, recentre_lambda=1.0, **loratorio
             )
-        if method == "loratorio-routed":  # single pass: step 0 full, then one routed row + the base uncond
+        if method == "loratorio-routed":  # single pass: full steps, then the routed cond and uncond + the base uncond
             return build.loratorio_guider(
                 self.patcher, self.positive, self.negative, stack, cfg, recentre_lambda=0.5, **loratorio,
                 routing="single pass", full_steps=routed_full_steps, refresh_every=routed_refresh_every,
@@ -349,7 +355,7 @@ class Bench:
 
 def rows_for(method: str, n: int) -> int:
     return {
-        "loratorio": 2 + 2 * n, "loratorio-lambda1": 2 + n, "loratorio-dynamic": 2 + n, "loratorio-routed": 2,
+        "loratorio": 2 + 2 * n, "loratorio-lambda1": 2 + n, "loratorio-dynamic": 2 + n, "loratorio-routed": 3,
         "composite": 2 * n, "switch": 2,
         "hooks": 2 * n, "naive-remerge": 2 * n, "merge": 2,
     }[method]  # fmt: skip
@@ -396,6 +402,51 @@ def run(options: argparse.Namespace, save) -> list[Result]:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return results
+
+
+def parse_schedules(text: str) -> list[tuple[int, int]]:
+    """``"2:3,2:0"`` -> ``[(2, 3), (2, 0)]``: single pass ``full_steps:refresh_every`` schedules."""
+    schedules = []
+    for item in filter(None, text.split(",")):
+        full, _, refresh = item.partition(":")
+        try:
+            schedules.append((int(full), int(refresh or 0)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not full_steps:refresh_every, e.g. 2:3") from None
+    return schedules
+
+
+def interleaved_whole_runs(options: argparse.Namespace) -> str:
+    """Warm whole runs against KSampler, interleaved round by round; a Markdown table of the ratios."""
+    steps = options.whole_run_steps or 20
+    lines = [
+        f"Warm whole runs of {steps} euler steps against plain KSampler, LoRA rank {options.rank}, interleaved over "
+        f"{options.repeats} rounds (median, and the range over the rounds).",
+        "",
+        "| model | N | method | x KSampler | range |",
+        "|---|---|---|---|---|",
+    ]
+    for model_name in options.models:
+        bench = Bench(model_name, options, options.out / "work")
+        for n in options.adapters:
+            variants = {"merge": bench.guider("merge", n), "loratorio": bench.guider("loratorio", n)}
+            for full, refresh in options.interleaved:
+                label = f"single pass, {full} full steps" + (f", then every {refresh}" if refresh else ", no refresh")
+                variants[label] = bench.guider("loratorio-routed", n, full, refresh)
+            ksampler = bench.guider("ksampler", 0)
+            for guider in (ksampler, *variants.values()):
+                bench.sample_seconds(guider, STEPS_SHORT)  # warm-up
+            ratios: dict[str, list[float]] = {label: [] for label in variants}
+            for round_index in range(options.repeats):
+                plain = bench.sample_seconds(ksampler, steps)
+                for label, guider in variants.items():
+                    ratios[label].append(bench.sample_seconds(guider, steps) / plain)
+                print(f"  {model_name} N={n} round {round_index + 1}: KSampler {plain:.1f} s", flush=True)
+            for label, values in ratios.items():
+                lines.append(
+                    f"| {model_name} | {n} | {label} | {statistics.median(values):.2f} | {min(values):.2f} to {max(values):.2f} |"
+                )
+    return "\n".join(lines) + "\n"
 
 
 def markdown(results: list[Result], meta: dict) -> str:
@@ -473,6 +524,12 @@ def main() -> int:
         "--ranks", default="16,32,64,128", type=lambda s: [int(x) for x in s.split(",")], help="--per-layer ranks"
     )
     parser.add_argument("--layer-threads", type=int, default=1, help="--per-layer torch threads")
+    parser.add_argument(
+        "--interleaved",
+        type=parse_schedules,
+        help="time warm whole runs interleaved with KSampler instead, single pass at these full_steps:refresh_every "
+        "schedules (e.g. 2:3,2:0)",
+    )
     options = parser.parse_args()
     import torch
 
@@ -488,6 +545,12 @@ def main() -> int:
 
     device = comfy.model_management.get_torch_device()
     options.out.mkdir(parents=True, exist_ok=True)
+    if options.interleaved is not None:
+        table = interleaved_whole_runs(options)
+        (options.out / "interleaved.md").write_text(table)
+        print(f"\nwrote {options.out / 'interleaved.md'}\n")
+        print(table)
+        return 0
     cpu = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
     meta = {
         "date": datetime.date.today().isoformat(),
