@@ -24,3 +24,18 @@ def test_benchmark_command_writes_its_reports(tmp_path):
     assert rows["floor-6"]["rows_per_forward"] == 6
     assert (tmp_path / "results.png").stat().st_size > 10_000
     assert result.stdout.rstrip().endswith((tmp_path / "results.md").read_text().rstrip().splitlines()[-1])
+
+
+def test_interleaved_whole_runs_count_the_rows_each_method_needs(tmp_path):
+    cmd = [sys.executable, str(PACK_DIR / "tools" / "benchmark.py"), "--models", "small", "--adapters", "2",
+           "--interleaved", "1:0", "--whole-run-steps", "2", "--repeats", "1", "--out", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ), cwd=PACK_DIR)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = {line.split(" | ")[2]: line.split(" | ") for line in (tmp_path / "interleaved.md").read_text().splitlines()[4:]}
+    # KSampler: 2 rows a step. Merge: the same. LoRAtorio: 2 + 2N. Single pass, 1 full step: 2 + 2N, then 3.
+    assert {label: float(cells[3]) for label, cells in table.items()} == {
+        "merge": 1.0,
+        "loratorio": 3.0,
+        "single pass, 1 full step, no refresh": 2.25,
+    }
+    assert all(float(cells[4]) > 0 for cells in table.values())

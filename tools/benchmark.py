@@ -313,6 +313,15 @@ class Bench:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    def counted_run(self, guider, steps: int) -> tuple[float, int]:
+        """(seconds, rows evaluated) of one sampling run."""
+        counts: list[int] = []
+        handle = self.patcher.model.diffusion_model.register_forward_pre_hook(lambda _m, a: counts.append(a[0].shape[0]))
+        try:
+            return self.sample_seconds(guider, steps), sum(counts)
+        finally:
+            handle.remove()
+
     def whole_run_seconds(self, method: str, n: int, steps: int) -> float:
         """A warm whole run of ``steps`` steps (single pass: the node's default schedule)."""
         from comfyui_loratorio import loratorio_core as lc
@@ -417,34 +426,40 @@ def parse_schedules(text: str) -> list[tuple[int, int]]:
 
 
 def interleaved_whole_runs(options: argparse.Namespace) -> str:
-    """Warm whole runs against KSampler, interleaved round by round; a Markdown table of the ratios."""
+    """Warm whole runs against KSampler, interleaved round by round; a Markdown table of the ratios
+    of time and of rows evaluated (their gap is what each row costs beyond a plain one)."""
     steps = options.whole_run_steps or 20
     lines = [
         f"Warm whole runs of {steps} euler steps against plain KSampler, LoRA rank {options.rank}, interleaved over "
         f"{options.repeats} rounds (median, and the range over the rounds).",
         "",
-        "| model | N | method | x KSampler | range |",
-        "|---|---|---|---|---|",
+        "| model | N | method | rows x KSampler | time x KSampler | range |",
+        "|---|---|---|---|---|---|",
     ]
     for model_name in options.models:
         bench = Bench(model_name, options, options.out / "work")
         for n in options.adapters:
             variants = {"merge": bench.guider("merge", n), "loratorio": bench.guider("loratorio", n)}
             for full, refresh in options.interleaved:
-                label = f"single pass, {full} full steps" + (f", then every {refresh}" if refresh else ", no refresh")
+                label = f"single pass, {full} full step{'s' * (full != 1)}" + (
+                    f", then every {refresh}" if refresh else ", no refresh"
+                )
                 variants[label] = bench.guider("loratorio-routed", n, full, refresh)
             ksampler = bench.guider("ksampler", 0)
             for guider in (ksampler, *variants.values()):
                 bench.sample_seconds(guider, STEPS_SHORT)  # warm-up
-            ratios: dict[str, list[float]] = {label: [] for label in variants}
+            times: dict[str, list[float]] = {label: [] for label in variants}
+            rows: dict[str, int] = {}
             for round_index in range(options.repeats):
-                plain = bench.sample_seconds(ksampler, steps)
+                plain, plain_rows = bench.counted_run(ksampler, steps)
                 for label, guider in variants.items():
-                    ratios[label].append(bench.sample_seconds(guider, steps) / plain)
+                    seconds, rows[label] = bench.counted_run(guider, steps)
+                    times[label].append(seconds / plain)
                 print(f"  {model_name} N={n} round {round_index + 1}: KSampler {plain:.1f} s", flush=True)
-            for label, values in ratios.items():
+            for label, ratios in times.items():
                 lines.append(
-                    f"| {model_name} | {n} | {label} | {statistics.median(values):.2f} | {min(values):.2f} to {max(values):.2f} |"
+                    f"| {model_name} | {n} | {label} | {rows[label] / plain_rows:.2f} | {statistics.median(ratios):.2f} "
+                    f"| {min(ratios):.2f} to {max(ratios):.2f} |"
                 )
     return "\n".join(lines) + "\n"
 
