@@ -99,8 +99,6 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
                 conds[adapter_cond_name(name, index)] = conds[name] if given is None else given[index]
         if getattr(self, "routed", None) is not None:  # the routed row: its own copy, for caches keyed by cond
             conds[adapter_cond_name(POSITIVE, ROUTED_ROW)] = positive
-            if negative is not None:
-                conds[adapter_cond_name(NEGATIVE, ROUTED_ROW)] = negative
         self.inner_set_conds(conds)
 
     @property
@@ -283,8 +281,7 @@ class LoRAtorioGuider(AdapterRowsGuider):
         return self.guide(cond, uncond, x, timestep, model_options)
 
     def _routed_step(self, x, timestep, model_options: dict, active: tuple[int, ...]) -> torch.Tensor:
-        """One routed cond row (each token gets its routed LoRAs' deltas), the same row on the uncond
-        prompt when lambda < 1, and the base uncond: 3 rows (2 at lambda = 1)."""
+        """One routed cond row (each token gets its routed LoRAs' deltas) and the base uncond: 2 rows."""
         routing = self._routing
         if routing is None:  # full_steps = 0: the regions give the map
             routing = lc.mask_routing(self.regions, x.shape[0], x.shape[-2], x.shape[-1], x.device)
@@ -294,16 +291,10 @@ class LoRAtorioGuider(AdapterRowsGuider):
             routing[:, inactive] = 0
         set_routing(self._run_id, routing)
         with_uncond = self.needs_uncond(model_options)
-        recentred = with_uncond and self.params.needs_adapter_unconds
-        rows = [(POSITIVE, ROUTED_ROW)]
-        rows += [(NEGATIVE, ROUTED_ROW)] if recentred else []
-        rows += [(NEGATIVE, BASE_ROW)] if with_uncond else []
+        rows = [(POSITIVE, ROUTED_ROW)] + ([(NEGATIVE, BASE_ROW)] if with_uncond else [])
         out = self.evaluate(rows, x, timestep, model_options)
         self._file_weight_map(routing.transpose(0, 1).unsqueeze(2), timestep, model_options)
-        uncond = out[-1] if with_uncond else None
-        if recentred:
-            uncond = lc.recentre(out[-1], out[1], self.params.recentre_lambda)
-        return self.guide(out[0], uncond, x, timestep, model_options)
+        return self.guide(out[0], out[1] if with_uncond else None, x, timestep, model_options)
 
     def _file_weight_map(self, weights: torch.Tensor, timestep: torch.Tensor, model_options: dict) -> None:
         kept = weights[:, : self.weight_history.sample + 1].detach()  # the sample the history keeps

@@ -98,12 +98,6 @@ def weighted_sum(weights: Tensor, predictions: Tensor) -> Tensor:
     return combined.to(predictions.dtype)
 
 
-def recentre(base_uncond: Tensor, composed_uncond: Tensor, recentre_lambda: float) -> Tensor:
-    """``u~ = lambda * eps_0(u) + (1 - lambda) * composed`` (step 5), in ``base_uncond``'s dtype, where
-    ``composed`` is the adapters' uncond composed by the routing weights."""
-    return (base_uncond * recentre_lambda + composed_uncond * (1.0 - recentre_lambda)).to(base_uncond.dtype)
-
-
 def recentred_uncond(
     base_uncond: Tensor, adapter_unconds: Tensor | None, weights: Tensor, recentre_lambda: float, regional: bool = False
 ) -> Tensor:
@@ -120,7 +114,7 @@ def recentred_uncond(
         raise ValueError(f"recentre_lambda = {recentre_lambda} < 1 needs the adapters' unconditional predictions")
     check_stack(adapter_unconds, base_uncond, "adapter_unconds")
     mixed = weighted_with_base(weights, adapter_unconds, base_uncond) if regional else weighted_sum(weights, adapter_unconds)
-    return recentre(base_uncond, mixed, recentre_lambda)
+    return (base_uncond * recentre_lambda + mixed * (1.0 - recentre_lambda)).to(base_uncond.dtype)
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,8 @@
 A full step is LoRAtorio as in :mod:`.loratorio` (base cond, one cond per adapter, the unconds):
 its weights ``Omega [N, B, 1, H, W]`` become the routing map. A routed step evaluates ONE cond
 row in which every image token gets ``sum_i Omega_i(token) * dW_i`` (token-level gating; where
-``sum_i Omega_i < 1`` the base model keeps the rest): it stands for ``sum_i Omega_i * eps_i(c)``.
-The uncond is re-centred as on a full step, ``u~ = lambda * eps_0(u) + (1 - lambda) * eps_r(u)``,
-where ``eps_r(u)``, the same routed row on the uncond prompt, stands for ``sum_i Omega_i *
-eps_i(u)``: 3 rows whatever N is, 2 with ``lambda = 1`` (the base uncond alone).
+``sum_i Omega_i < 1`` the base model keeps the rest), plus the base uncond, which serves as the
+uncond (``lambda = 1`` on routed steps): 2 rows whatever N is.
 
 Full steps: the first ``full_steps`` steps, then every ``refresh_every``-th step after them
 (0 = never). With ``full_steps = 0`` the map comes from the adapters' regions alone

@@ -137,8 +137,7 @@ def routing_inputs() -> dict[str, tuple]:
             list(ROUTING_MODES),
             tip(
                 "every step: every LoRA's rows at every step (the paper). single pass: full steps build a routing map, "
-                "the other steps run ONE row whose image tokens each get their routed LoRAs, and its uncond "
-                "(3 rows whatever N, 2 at recentre_lambda 1).",
+                "the other steps run ONE row whose image tokens each get their routed LoRAs (2 rows, whatever N).",
                 default=ROUTING_MODES[0],
             ),
         ),

@@ -253,7 +253,7 @@ class Bench:
             return build.loratorio_guider(
                 self.patcher, self.positive, self.negative, stack, cfg, recentre_lambda=1.0, **loratorio
             )
-        if method == "loratorio-routed":  # single pass: full steps, then the routed cond and uncond + the base uncond
+        if method == "loratorio-routed":  # single pass: full steps, then one routed row + the base uncond
             return build.loratorio_guider(
                 self.patcher, self.positive, self.negative, stack, cfg, recentre_lambda=0.5, **loratorio,
                 routing="single pass", full_steps=routed_full_steps, refresh_every=routed_refresh_every,
@@ -364,7 +364,7 @@ class Bench:
 
 def rows_for(method: str, n: int) -> int:
     return {
-        "loratorio": 2 + 2 * n, "loratorio-lambda1": 2 + n, "loratorio-dynamic": 2 + n, "loratorio-routed": 3,
+        "loratorio": 2 + 2 * n, "loratorio-lambda1": 2 + n, "loratorio-dynamic": 2 + n, "loratorio-routed": 2,
         "composite": 2 * n, "switch": 2,
         "hooks": 2 * n, "naive-remerge": 2 * n, "merge": 2,
     }[method]  # fmt: skip

@@ -91,7 +91,7 @@ def merge_baseline(loras: list[tuple[str, float]]) -> dict:
 
 def regional(loras: list[tuple[str, float]]) -> dict:
     """LoRAtorio in single pass from region masks alone: the first LoRA on the left half, the second
-    on the right (SolidMask, MaskComposite and InvertMask draw the halves), 3 rows per step."""
+    on the right (SolidMask, MaskComposite and InvertMask draw the halves), 2 rows per step."""
     graph = composition("LoRAtorioSampler", loras, {**LORATORIO, **SINGLE_PASS_FROM_MASKS}, weight_maps=True)
     width, height = graph["4"]["inputs"]["width"], graph["4"]["inputs"]["height"]
     graph["11"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": width, "height": height}}

@@ -54,7 +54,7 @@ DEFAULT_SETTINGS = {
         "cfg": 2.0, "patch_size": 4, "temperature": 0.05, "recentre_lambda": 0.5,
         "routing": "single pass", "full_steps": 2, "refresh_every": 3,
     },
-    # single pass with the routing map from the regions alone: 3 rows on every step
+    # single pass with the routing map from the regions alone: 2 rows on every step
     "loratorio-masks": {
         "cfg": 2.0, "patch_size": 4, "temperature": 0.05, "recentre_lambda": 0.5,
         "routing": "single pass", "full_steps": 0, "refresh_every": 0,
