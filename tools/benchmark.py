@@ -17,8 +17,10 @@ For each model and adapter count N it times sampling steps of:
 ``--interleaved 2:3,2:0`` times warm whole runs instead (``--whole-run-steps``, default 20) of
 KSampler, LoRA Merge, LoRAtorio and single pass at each ``full_steps:refresh_every`` schedule,
 interleaved round by round (KSampler first in each round, every ratio against that round's
-KSampler), so that a machine whose speed drifts between minutes skews them alike; the median of
-``--repeats`` rounds and their range are printed.
+KSampler), so that a machine whose speed drifts between minutes skews them alike; each timed run
+follows an untimed short one of the same method, so ComfyUI's weight patching when it switches
+between the merged and the base model is not counted. The median of ``--repeats`` rounds and
+their range are printed, with each method's rows against KSampler's.
 
 Per-step time is ``(T(steps_long) - T(steps_short)) / (steps_long - steps_short)`` of whole
 sampling runs, so set-up costs cancel; each figure is the median of ``--repeats`` runs. Peak
@@ -313,8 +315,12 @@ class Bench:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    def counted_run(self, guider, steps: int) -> tuple[float, int]:
-        """(seconds, rows evaluated) of one sampling run."""
+    def counted_run(self, guider, steps: int, settle: bool = False) -> tuple[float, int]:
+        """(seconds, rows evaluated) of one sampling run. ``settle``: after an untimed short run, so that
+        ComfyUI's patching of this guider's weights (Merge's LoRAs, or restoring the base after them)
+        is not timed."""
+        if settle:
+            self.sample_seconds(guider, STEPS_SHORT)
         counts: list[int] = []
         handle = self.patcher.model.diffusion_model.register_forward_pre_hook(lambda _m, a: counts.append(a[0].shape[0]))
         try:
@@ -425,9 +431,10 @@ def parse_schedules(text: str) -> list[tuple[int, int]]:
     return schedules
 
 
-def interleaved_whole_runs(options: argparse.Namespace) -> str:
+def interleaved_whole_runs(options: argparse.Namespace, save) -> str:
     """Warm whole runs against KSampler, interleaved round by round; a Markdown table of the ratios
-    of time and of rows evaluated (their gap is what each row costs beyond a plain one)."""
+    of time and of rows evaluated (their gap is what each row costs beyond a plain one).
+    ``save(table)`` runs after each adapter count, so a long run leaves what it measured."""
     steps = options.whole_run_steps or 20
     lines = [
         f"Warm whole runs of {steps} euler steps against plain KSampler, LoRA rank {options.rank}, interleaved over "
@@ -446,14 +453,12 @@ def interleaved_whole_runs(options: argparse.Namespace) -> str:
                 )
                 variants[label] = bench.guider("loratorio-routed", n, full, refresh)
             ksampler = bench.guider("ksampler", 0)
-            for guider in (ksampler, *variants.values()):
-                bench.sample_seconds(guider, STEPS_SHORT)  # warm-up
             times: dict[str, list[float]] = {label: [] for label in variants}
             rows: dict[str, int] = {}
             for round_index in range(options.repeats):
-                plain, plain_rows = bench.counted_run(ksampler, steps)
+                plain, plain_rows = bench.counted_run(ksampler, steps, settle=True)
                 for label, guider in variants.items():
-                    seconds, rows[label] = bench.counted_run(guider, steps)
+                    seconds, rows[label] = bench.counted_run(guider, steps, settle=True)
                     times[label].append(seconds / plain)
                 print(f"  {model_name} N={n} round {round_index + 1}: KSampler {plain:.1f} s", flush=True)
             for label, ratios in times.items():
@@ -461,6 +466,7 @@ def interleaved_whole_runs(options: argparse.Namespace) -> str:
                     f"| {model_name} | {n} | {label} | {rows[label] / plain_rows:.2f} | {statistics.median(ratios):.2f} "
                     f"| {min(ratios):.2f} to {max(ratios):.2f} |"
                 )
+            save("\n".join(lines) + "\n")
     return "\n".join(lines) + "\n"
 
 
@@ -561,8 +567,7 @@ def main() -> int:
     device = comfy.model_management.get_torch_device()
     options.out.mkdir(parents=True, exist_ok=True)
     if options.interleaved is not None:
-        table = interleaved_whole_runs(options)
-        (options.out / "interleaved.md").write_text(table)
+        table = interleaved_whole_runs(options, (options.out / "interleaved.md").write_text)
         print(f"\nwrote {options.out / 'interleaved.md'}\n")
         print(table)
         return 0
