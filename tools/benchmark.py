@@ -431,14 +431,15 @@ def parse_schedules(text: str) -> list[tuple[int, int]]:
     return schedules
 
 
-def interleaved_whole_runs(options: argparse.Namespace, save) -> str:
+def interleaved_whole_runs(options: argparse.Namespace, meta: dict, save) -> str:
     """Warm whole runs against KSampler, interleaved round by round; a Markdown table of the ratios
     of time and of rows evaluated (their gap is what each row costs beyond a plain one).
     ``save(table)`` runs after each adapter count, so a long run leaves what it measured."""
     steps = options.whole_run_steps or 20
     lines = [
-        f"Warm whole runs of {steps} euler steps against plain KSampler, LoRA rank {options.rank}, interleaved over "
-        f"{options.repeats} rounds (median, and the range over the rounds).",
+        f"Measured {meta['date']} on {meta['device']} ({meta['dtype']}): warm whole runs of {steps} euler steps against "
+        f"plain KSampler, LoRA rank {options.rank}, interleaved over {options.repeats} rounds (median, and the range "
+        "over the rounds).",
         "",
         "| model | N | method | rows x KSampler | time x KSampler | range |",
         "|---|---|---|---|---|---|",
@@ -566,11 +567,6 @@ def main() -> int:
 
     device = comfy.model_management.get_torch_device()
     options.out.mkdir(parents=True, exist_ok=True)
-    if options.interleaved is not None:
-        table = interleaved_whole_runs(options, (options.out / "interleaved.md").write_text)
-        print(f"\nwrote {options.out / 'interleaved.md'}\n")
-        print(table)
-        return 0
     cpu = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
     meta = {
         "date": datetime.date.today().isoformat(),
@@ -580,6 +576,11 @@ def main() -> int:
         "rank": options.rank,
         "torch": torch.__version__,
     }
+    if options.interleaved is not None:
+        table = interleaved_whole_runs(options, meta, (options.out / "interleaved.md").write_text)
+        print(f"\nwrote {options.out / 'interleaved.md'}\n")
+        print(table)
+        return 0
 
     def save(results: list[Result]) -> None:
         report = {"meta": meta, "results": [asdict(r) for r in results]}
