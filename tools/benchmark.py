@@ -31,6 +31,7 @@ memory is the process RSS above its level before the run (CPU) or ``max_memory_a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -39,6 +40,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -315,18 +317,25 @@ class Bench:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    @contextlib.contextmanager
+    def forward_rows(self) -> Iterator[list[int]]:
+        """The row count of every forward of the model while the block runs (appended as they come)."""
+        counts: list[int] = []
+        handle = self.patcher.model.diffusion_model.register_forward_pre_hook(lambda _m, a: counts.append(a[0].shape[0]))
+        try:
+            yield counts
+        finally:
+            handle.remove()
+
     def counted_run(self, guider, steps: int, settle: bool = False) -> tuple[float, int]:
         """(seconds, rows evaluated) of one sampling run. ``settle``: after an untimed short run, so that
         ComfyUI's patching of this guider's weights (Merge's LoRAs, or restoring the base after them)
         is not timed."""
         if settle:
             self.sample_seconds(guider, STEPS_SHORT)
-        counts: list[int] = []
-        handle = self.patcher.model.diffusion_model.register_forward_pre_hook(lambda _m, a: counts.append(a[0].shape[0]))
-        try:
-            return self.sample_seconds(guider, steps), sum(counts)
-        finally:
-            handle.remove()
+        with self.forward_rows() as counts:
+            seconds = self.sample_seconds(guider, steps)
+        return seconds, sum(counts)
 
     def whole_run_seconds(self, method: str, n: int, steps: int) -> float:
         """A warm whole run of ``steps`` steps (single pass: the node's default schedule)."""
@@ -339,9 +348,7 @@ class Bench:
     def measure(self, method: str, n: int, rows: int) -> Result:
         first_run, first_step = self.cold_run(method, n) if not method.startswith("floor-") else (None, None)
         guider = self.guider(method, n)
-        counts: list[int] = []
-        handle = self.patcher.model.diffusion_model.register_forward_pre_hook(lambda _m, a: counts.append(a[0].shape[0]))
-        try:
+        with self.forward_rows() as counts:
             self.sample_seconds(guider, STEPS_SHORT)  # warm-up: loads, caches, allocator
             counts.clear()
             self.sample_seconds(guider, 1)
@@ -352,8 +359,6 @@ class Bench:
                     short = self.sample_seconds(guider, STEPS_SHORT)
                     long = self.sample_seconds(guider, STEPS_LONG)
                     per_step.append((long - short) / (STEPS_LONG - STEPS_SHORT))
-        finally:
-            handle.remove()
         return Result(
             self.name,
             method,
@@ -444,6 +449,7 @@ def interleaved_whole_runs(options: argparse.Namespace, meta: dict, save) -> str
         "| model | N | method | rows x KSampler | time x KSampler | range |",
         "|---|---|---|---|---|---|",
     ]
+    table = "\n".join(lines) + "\n"
     for model_name in options.models:
         bench = Bench(model_name, options, options.out / "work")
         for n in options.adapters:
@@ -467,8 +473,9 @@ def interleaved_whole_runs(options: argparse.Namespace, meta: dict, save) -> str
                     f"| {model_name} | {n} | {label} | {rows[label] / plain_rows:.2f} | {statistics.median(ratios):.2f} "
                     f"| {min(ratios):.2f} to {max(ratios):.2f} |"
                 )
-            save("\n".join(lines) + "\n")
-    return "\n".join(lines) + "\n"
+            table = "\n".join(lines) + "\n"
+            save(table)
+    return table
 
 
 def markdown(results: list[Result], meta: dict) -> str:

@@ -120,8 +120,13 @@ class ToyRun:
     def __init__(self, pack, seed_dir: Path, images: int, steps: int):
         from quality import toy_model
 
-        self.pack, self.images, self.steps, self.name, self.folder = pack, images, steps, seed_dir.name, seed_dir
+        self.pack, self.images, self.steps, self.folder = pack, images, steps, seed_dir
         self.model, self.table = toy_model.load_base(seed_dir / toy_model.BASE_FILE)
+
+    @property
+    def name(self) -> str:
+        """The training seed's folder name (``seed-0``)."""
+        return self.folder.name
 
     def _use_own_loras(self) -> None:
         """Point ComfyUI's ``loras`` folder at this seed's LoRAs: several runs may live in one process
