@@ -78,3 +78,14 @@ def test_api_twin_matches_its_ui_workflow(path, object_info):
     converted = ui_to_api(json.loads(path.read_text()), object_info)
     twin = json.loads((WORKFLOWS / "api" / path.name).read_text())
     assert converted == twin
+
+
+@pytest.mark.parametrize("path", sorted((WORKFLOWS / "api").glob("*.json")), ids=lambda p: p.stem)
+def test_single_pass_schedule_left_at_the_node_default_where_a_workflow_runs_every_step(path, object_info):
+    """Switching such a workflow to single pass in the editor gives the tuned schedule, not a stale one."""
+    for node in json.loads(path.read_text()).values():
+        if node["inputs"].get("routing") != "every step":
+            continue
+        optional = object_info[node["class_type"]]["input"]["optional"]
+        for name in ("full_steps", "refresh_every"):
+            assert node["inputs"][name] == optional[name][1]["default"], f"{path.name}: {name}"

@@ -5,7 +5,7 @@ Standard library only: ComfyUI's HTTP API (``POST /prompt``, ``GET /history``, `
 ``GET /object_info``) and its ``/ws`` websocket for progress. Jobs (workflows x seeds) are spread
 over every ``--server`` given, one worker per server, which is how one grows past one GPU.
 
-    python3 tools/comfy_client.py example_workflows/loratorio-api.json --server http://127.0.0.1:8188 \\
+    python3 tools/comfy_client.py example_workflows/api/loratorio.json --server http://127.0.0.1:8188 \\
         --lora character.safetensors:1.0 --lora background.safetensors:0.8 \\
         --prompt "a knight in a garden" --seed 1 --seed 2 --param temperature=0.1 --out out/
 

@@ -6,7 +6,8 @@ lists them as templates) and its API-format twin in ``example_workflows/api/`` (
     python3 tools/host.py run -- tools/make_workflows.py --server http://127.0.0.1:8188 [--thumbnails]
 
 The API prompts below are the source; the UI layout is derived from them with the server's
-``/object_info`` (widget order, output types). Re-run after changing a node's inputs.
+``/object_info`` (widget order, output types, and the defaults of the widgets a prompt leaves out,
+e.g. single pass's schedule in the workflows that run every step). Re-run after changing a node's inputs.
 ``--thumbnails`` also runs each workflow on the server (which needs the demo models: ``make serve``)
 and saves its image as ``example_workflows/<name>.jpg``, the card picture of the templates dialog.
 """
@@ -36,7 +37,7 @@ KSAMPLER = {"seed": 1, "steps": 20, "cfg": 7.0, "sampler_name": "dpmpp_2m", "sch
 THUMBNAIL_SIZE = 256
 LORATORIO = {
     "patch_size": 8, "temperature": 0.05, "recentre_lambda": 0.5, "top_k": 0, "top_k_mode": "image",
-    "routing": "every step", "full_steps": 3, "refresh_every": 0,
+    "routing": "every step",
 }  # fmt: skip
 SINGLE_PASS_FROM_MASKS = {"routing": "single pass", "full_steps": 0, "refresh_every": 0}
 
@@ -178,6 +179,17 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
     }  # fmt: skip
 
 
+def with_node_defaults(prompt: dict, object_info: dict) -> dict:
+    """``prompt`` with every widget it leaves out set to the node's default, as the editor would."""
+    completed = json.loads(json.dumps(prompt))
+    for node in completed.values():
+        for _, name, spec in ordered_inputs(object_info[node["class_type"]]):
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if name not in node["inputs"] and is_widget(spec) and "default" in options:
+                node["inputs"][name] = options["default"]
+    return completed
+
+
 def image_node(prompt: dict) -> str:
     """The id of the SaveImage node that saves the generated picture (not the weight maps)."""
     (node_id,) = [
@@ -188,12 +200,12 @@ def image_node(prompt: dict) -> str:
     return node_id
 
 
-def write_thumbnails(server: str, size: int = THUMBNAIL_SIZE) -> None:
+def write_thumbnails(prompts: dict[str, dict], server: str, size: int = THUMBNAIL_SIZE) -> None:
     """Run every workflow on ``server`` and save its picture as ``example_workflows/<name>.jpg``."""
     from PIL import Image
 
     with tempfile.TemporaryDirectory() as scratch:
-        jobs = run_jobs([Job(name, prompt) for name, prompt in WORKFLOWS.items()], [server], Path(scratch))
+        jobs = run_jobs([Job(name, prompt) for name, prompt in prompts.items()], [server], Path(scratch))
         for job in jobs:
             if job.error:
                 raise SystemExit(f"{job.name} failed on the server: {job.error}")
@@ -212,12 +224,13 @@ def main() -> int:
     options = parser.parse_args()
     object_info = http_json(f"{options.server.rstrip('/')}/object_info")
     (WORKFLOWS_DIR / "api").mkdir(parents=True, exist_ok=True)
-    for name, prompt in WORKFLOWS.items():
+    prompts = {name: with_node_defaults(prompt, object_info) for name, prompt in WORKFLOWS.items()}
+    for name, prompt in prompts.items():
         (WORKFLOWS_DIR / "api" / f"{name}.json").write_text(json.dumps(prompt, indent=2) + "\n")
         (WORKFLOWS_DIR / f"{name}.json").write_text(json.dumps(api_to_ui(prompt, object_info), indent=2) + "\n")
         print(f"wrote example_workflows/{name}.json and example_workflows/api/{name}.json")
     if options.thumbnails:
-        write_thumbnails(options.server.rstrip("/"))
+        write_thumbnails(prompts, options.server.rstrip("/"))
     return 0
 
 
