@@ -60,6 +60,17 @@ def test_bad_inputs_are_clear_errors_and_the_server_stays_up(server, demo_models
     assert_composed_image(server, follow_up)
 
 
+@pytest.mark.parametrize("sampler_node", ["LoRAtorioSampler", "LoRAtorioCompositeSampler", "LoRAtorioSwitchSampler"])
+def test_nan_denoise_is_a_clear_error(server, demo_models, sampler_node):
+    """JSON clients can send NaN, which passes ComfyUI's range check (every comparison with NaN is false)."""
+    _, checkpoint, loras = demo_models
+    prompt = composition_prompt(checkpoint, [(loras[0], 1.0)], sampler_node)
+    (sampler,) = [node for node in prompt.values() if node["class_type"] == sampler_node]
+    sampler["inputs"]["denoise"] = math.nan
+    error = execution_error(run_prompt(server, prompt))
+    assert error is not None and "denoise is nan; use a number from 0 to 1" in error, error
+
+
 def test_a_workflow_saved_with_the_old_node_ids_still_runs(server, demo_models):
     """``tests/data/legacy-loratorio-api.json`` is ``example_workflows/api/loratorio.json`` as shipped before the
     ids were prefixed (``MultiLoRALoader``): hidden aliases keep such workflows running."""
