@@ -48,7 +48,9 @@ def sample_latent(
 ) -> dict:
     """Sample ``latent`` with ``guider`` exactly as ``common_ksampler`` does with its CFG guider."""
     if not 0.0 <= denoise <= 1.0:  # NaN too: the HTTP API accepts it, ComfyUI's range check does not catch it
-        raise LoRAInputError(f"denoise is {denoise}; use a number from 0 to 1 (1 starts from pure noise, less keeps more of the latent)")
+        raise LoRAInputError(
+            f"denoise is {denoise}; use a number from 0 to 1 (1 starts from pure noise, less keeps more of the latent)"
+        )
     model_patcher = guider.model_patcher
     latent_image = comfy.sample.fix_empty_latent_channels(model_patcher, latent["samples"], **_latent_scale_arguments(latent))
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
