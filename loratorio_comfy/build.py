@@ -95,15 +95,15 @@ def switch_guider(model, positive, negative, lora_stack, cfg, tau, adapter_posit
     return guider
 
 
-def weight_map_image(guider, sampled_without_steps: bool = False):
+def weight_map_image(guider):
     """The IMAGE of a LoRAtorio guider's recorded per-step weight maps, with a legend of LoRA names.
 
-    ``sampled_without_steps``: the caller sampled with no step (denoise 0 leaves the latent as it
-    was, as in KSampler), so the legend alone is shown instead of an error."""
+    A guider that sampled with no step (denoise 0 or empty sigmas leave the latent as it was, as in
+    KSampler) gives the legend alone instead of an error."""
     if not isinstance(guider, LoRAtorioGuider):
         raise ValueError(f"weight maps come from a LoRAtorio Guider; this guider is a {type(guider).__name__}")
     if len(guider.weight_history) == 0:
-        if sampled_without_steps:
+        if guider.has_sampled:
             return render_no_steps(guider.adapters.names)
         raise ValueError("the LoRAtorio Guider has not sampled yet; connect the sampler's output latent to 'samples'")
     return render_weight_maps(guider.weight_history.maps(), guider.adapters.names)

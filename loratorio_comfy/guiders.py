@@ -220,11 +220,13 @@ class LoRAtorioGuider(AdapterRowsGuider):
                 "attach masks with LoRA Region Mask, or set full_steps to 1 or more"
             )
         self.weight_history = lc.WeightMapHistory()
+        self.has_sampled = False  # a run with no step records no map, and is not an error to show
 
     def sample(self, *args, **kwargs):
         """Weight maps stay on the device while sampling runs and are filed by step at the end,
         so recording them costs no device read per step."""
         self.weight_history.clear()
+        self.has_sampled = True
         self._unfiled_maps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._routing: torch.Tensor | None = None  # routed mode: the last full step's map, [B, N, H, W]
         try:

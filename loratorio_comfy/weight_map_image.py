@@ -51,7 +51,7 @@ def render_weight_maps(maps: torch.Tensor, names: list[str]) -> torch.Tensor:
     return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).unsqueeze(0)
 
 
-def render_no_steps(names: list[str], note: str = "no sampling step ran (denoise 0)") -> torch.Tensor:
+def render_no_steps(names: list[str], note: str = "no sampling step ran (denoise 0 or no sigmas)") -> torch.Tensor:
     """The legend alone, with ``note``: what a LoRAtorio sampler shows when it had no step to route."""
     palette = lc.adapter_palette(len(names))
     canvas = Image.new("RGB", (TILE_PIXELS * 2, LABEL_ROW + LEGEND_ROW * (len(names) + 1)), (24, 24, 24))

@@ -45,7 +45,7 @@ class LoRAtorioSampler:
         ksampler, params = split_ksampler_args(values)
         guider = build.loratorio_guider(model, positive, negative, as_lora_stack(lora_stack), cfg, **params)
         latent = sample_latent(guider, latent_image, **ksampler)
-        weight_maps = build.weight_map_image(guider, sampled_without_steps=ksampler["denoise"] == 0)
+        weight_maps = build.weight_map_image(guider)
         return with_preview(weight_maps, (latent, weight_maps))
 
 

@@ -345,6 +345,25 @@ def test_weight_maps_node_reads_a_guider_after_sampler_custom_advanced(pack, tin
         maps_node.render(comfy.samplers.CFGGuider(tiny_model_factory("sd15")), None)
 
 
+def test_weight_maps_node_after_a_run_with_no_step_shows_the_legend(pack, tiny_model_factory, sd15_stack):
+    """Empty sigmas (BasicScheduler at denoise 0) leave the latent as it was; the maps node then shows the
+    legend alone, as the LoRAtorio Sampler does at denoise 0, instead of claiming the guider never sampled."""
+    from comfy_extras.nodes_custom_sampler import SamplerCustomAdvanced
+
+    (guider,) = pack.NODE_CLASS_MAPPINGS["LoRAtorioGuider"]().get_guider(
+        tiny_model_factory("sd15"), comfy_conditioning("sd15"), comfy_conditioning("sd15", seed=9), sd15_stack[:2], 5.0,
+        patch_size=4, temperature=0.05, recentre_lambda=0.5, top_k=0, top_k_mode="image",
+    )  # fmt: skip
+    latent = {"samples": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))}
+    output = SamplerCustomAdvanced.execute(
+        comfy_nodes_noise(seed=2), guider, comfy.samplers.sampler_object("euler"), torch.FloatTensor([]), latent
+    )
+    torch.testing.assert_close(output.result[0]["samples"], latent["samples"])
+    (image,) = pack.NODE_CLASS_MAPPINGS["LoRAtorioWeightMaps"]().render(guider, output.result[0])["result"]
+    assert len(guider.weight_history) == 0
+    assert image.shape[0] == 1 and image.shape[-1] == 3 and image.std() > 0.05  # the legend's names and swatches
+
+
 def comfy_nodes_noise(seed: int):
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
 
