@@ -15,6 +15,7 @@ and saves its image as ``example_workflows/<name>.jpg``, the card picture of the
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -181,7 +182,7 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
 
 def with_node_defaults(prompt: dict, object_info: dict) -> dict:
     """``prompt`` with every widget it leaves out set to the node's default, as the editor would."""
-    completed = json.loads(json.dumps(prompt))
+    completed = copy.deepcopy(prompt)
     for node in completed.values():
         for _, name, spec in ordered_inputs(object_info[node["class_type"]]):
             options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
