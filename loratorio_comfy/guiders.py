@@ -22,6 +22,7 @@ import torch
 
 from .. import loratorio_core as lc
 from .adapter_set import AdapterSet
+from .adapters import LoRAInputError
 from .row_lora import BASE_ROW, COND, ROUTED_ROW, ROW_MAP_KEY, UNCOND, apply_model_with_rows, row_layers_registered, set_routing
 
 WRAPPER_KEY = "loratorio"
@@ -116,12 +117,22 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
     def rows_per_step(self) -> int:
         raise NotImplementedError
 
-    def sample(self, *args, **kwargs):
+    def sample(self, noise, *args, **kwargs):
         if self.uses_uncond and NEGATIVE not in self.original_conds:
             raise ValueError(f"cfg is {self.cfg} but no negative conditioning was given; connect one or set cfg to 1")
+        self.check_region_batches(noise.shape[0])
         with row_layers_registered(self.adapters.row_layers) as run_id:
             self._run_id = run_id
-            return super().sample(*args, **kwargs)
+            return super().sample(noise, *args, **kwargs)
+
+    def check_region_batches(self, batch: int) -> None:
+        """Before any step: each region holds one mask, or one per image of the batch."""
+        for name, region in zip(self.adapters.names, self.regions, strict=True):
+            if region is not None and region.mask.ndim == 3 and region.mask.shape[0] not in (1, batch):
+                raise LoRAInputError(
+                    f"the region mask of LoRA '{name}' holds {region.mask.shape[0]} masks for a batch of {batch} images; "
+                    f"give it one mask, or {batch} (one per image)"
+                )
 
     def outer_sample(self, *args, **kwargs):
         """The per-row ``APPLY_MODEL`` wrapper goes in here, innermost: by now ComfyUI has merged the

@@ -113,3 +113,13 @@ def test_region_node_errors_name_the_problem(pack, stack):
         node.set_region(stack, 1, torch.full((1, 8, 8), float("nan")), "hard", 4.0)
     with pytest.raises(Exception, match=r"\[H, W\]"):
         node.set_region(stack, 1, torch.ones(1, 1, 8, 8), "hard", 4.0)
+
+
+def test_a_mask_batch_that_fits_no_latent_batch_names_the_lora(engine, pack, tiny_model_factory, stack):
+    patcher = tiny_model_factory("sd15")
+    (regional,) = pack.NODE_CLASS_MAPPINGS["LoRAtorioRegionMask"]().set_region(stack, 2, torch.ones(3, 64, 64), "hard", 4.0)
+    for method in ("loratorio", "composite"):
+        guider = make_guider(engine, method, patcher, regional)
+        with pytest.raises(ValueError, match=rf"region mask of LoRA '{stack[1][0]}' holds 3 masks for a batch of 2 images"):
+            run_sampler(engine, guider, {"samples": torch.zeros(2, 4, 16, 16)})
+        assert torch.isfinite(run_sampler(engine, guider, {"samples": torch.zeros(3, 4, 16, 16)})["samples"]).all()
