@@ -64,6 +64,7 @@ def loratorio_guider(
     routing="every step",
     full_steps=lc.DEFAULT_FULL_STEPS,
     refresh_every=lc.DEFAULT_REFRESH_EVERY,
+    temperature_scaling="fixed",
 ):
     if routing not in ROUTING_MODES:
         raise LoRAInputError(f"routing is {routing!r}; use one of {', '.join(ROUTING_MODES)}")
@@ -74,6 +75,7 @@ def loratorio_guider(
         recentre_lambda=recentre_lambda,
         top_k=top_k if top_k > 0 else None,
         top_k_mode=top_k_mode,
+        temperature_scaling=temperature_scaling,
     )
     adapters = _adapters(model, lora_stack)
     guider = LoRAtorioGuider(model, adapters, check_cfg(cfg), params, _windows(lora_stack), _regions(lora_stack), routed)

@@ -33,7 +33,15 @@ from .routed import (
 from .schedule import FULL_WINDOW, StepWindow, active_adapters, budget_factor, switch_adapter
 from .switch import DEFAULT_TAU, SwitchSchedule, step_index
 from .tensors import classifier_free_guidance, denoised_to_noise, noise_to_denoised
-from .weights import TOP_K_MODES, TopKMode, softmin_weights, top_k_mask
+from .weights import (
+    TEMPERATURE_SCALINGS,
+    TOP_K_MODES,
+    TemperatureScaling,
+    TopKMode,
+    count_scaled_temperature,
+    softmin_weights,
+    top_k_mask,
+)
 
 __all__ = [
     "DEFAULT_FULL_STEPS",
@@ -45,6 +53,7 @@ __all__ = [
     "DEFAULT_TOP_K",
     "DEFAULT_TOP_K_MODE",
     "FULL_WINDOW",
+    "TEMPERATURE_SCALINGS",
     "TOP_K_MODES",
     "CompositeResult",
     "LoRAtorioParams",
@@ -54,6 +63,7 @@ __all__ = [
     "RoutedSchedule",
     "StepWindow",
     "SwitchSchedule",
+    "TemperatureScaling",
     "TopKMode",
     "WeightMapHistory",
     "active_adapters",
@@ -62,6 +72,7 @@ __all__ = [
     "budget_factor",
     "classifier_free_guidance",
     "colourise",
+    "count_scaled_temperature",
     "denoised_to_noise",
     "expand_patches",
     "lora_composite",

@@ -5,7 +5,8 @@ Per step, with base predictions ``eps_0(c)``, ``eps_0(u)`` and adapter predictio
 
 1. ``s_ip = cos(eps_i(c)|p, eps_0(c)|p)`` for every adapter ``i`` and patch ``p``;
 2. optional dynamic selection: a top-k mask keeps the ``k`` least similar adapters;
-3. ``Omega_ip = SoftMin_i(s_ip / T)`` over the kept adapters, upsampled to latent pixels;
+3. ``Omega_ip = SoftMin_i(s_ip / T)`` over the kept adapters, upsampled to latent pixels (``T``
+   fixed as in the paper, or scaled by the adapter count: :func:`.weights.count_scaled_temperature`);
 4. composed cond ``c~ = sum_i Omega_i * eps_i(c)``;
 5. re-centred uncond ``u~ = lambda * eps_0(u) + (1 - lambda) * sum_i Omega_i * eps_i(u)``;
 6. guidance ``u~ + g * (c~ - u~)``.
@@ -38,7 +39,17 @@ from torch import Tensor
 from .patches import check_patch_size, expand_patches, patch_cosine_similarity
 from .regions import Region, region_maps, weighted_with_base
 from .tensors import check_latent, check_stack, classifier_free_guidance
-from .weights import TopKMode, check_temperature, check_top_k, check_top_k_mode, softmin_over_kept, top_k_mask
+from .weights import (
+    TemperatureScaling,
+    TopKMode,
+    check_temperature,
+    check_temperature_scaling,
+    check_top_k,
+    check_top_k_mode,
+    count_scaled_temperature,
+    softmin_over_kept,
+    top_k_mask,
+)
 
 DEFAULT_PATCH_SIZE = 8
 DEFAULT_TEMPERATURE = 0.05
@@ -56,10 +67,12 @@ class LoRAtorioParams:
     recentre_lambda: float = DEFAULT_LAMBDA
     top_k: int | None = None
     top_k_mode: TopKMode = DEFAULT_TOP_K_MODE
+    temperature_scaling: TemperatureScaling = "fixed"
 
     def __post_init__(self) -> None:
         check_patch_size(self.patch_size)
         check_temperature(self.temperature)
+        check_temperature_scaling(self.temperature_scaling)
         if not 0.0 <= self.recentre_lambda <= 1.0:
             raise ValueError(
                 f"recentre_lambda must lie in [0, 1] (1 = the base model's uncond only), got {self.recentre_lambda!r}"
@@ -87,7 +100,11 @@ def routing_weights(
         maps = region_maps(regions, batch, rows, cols, similarity.device)
         keep = maps.allowed if keep is None else keep & maps.allowed
         prior = maps.prior
-    per_patch = softmin_over_kept(similarity, params.temperature, keep, prior)  # params were checked when made
+    temperature = params.temperature
+    if params.temperature_scaling == "by LoRA count":
+        candidates = similarity.shape[0] if params.top_k is None else min(params.top_k, similarity.shape[0])
+        temperature = count_scaled_temperature(temperature, candidates)
+    per_patch = softmin_over_kept(similarity, temperature, keep, prior)  # params were checked when made
     height, width = base_cond.shape[-2:]
     return expand_patches(per_patch, height, width, params.patch_size).unsqueeze(2)
 

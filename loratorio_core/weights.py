@@ -19,11 +19,30 @@ from .tensors import SIMILARITY_DTYPE
 
 TopKMode = Literal["patch", "image"]
 TOP_K_MODES: tuple[TopKMode, ...] = ("patch", "image")
+TemperatureScaling = Literal["fixed", "by LoRA count"]
+TEMPERATURE_SCALINGS: tuple[TemperatureScaling, ...] = ("fixed", "by LoRA count")
 
 
 def check_temperature(temperature: float) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a number >= 0 (0 = hard selection, inf = plain mean), got {temperature!r}")
+
+
+def check_temperature_scaling(scaling: str) -> None:
+    if scaling not in TEMPERATURE_SCALINGS:
+        raise ValueError(f"temperature_scaling must be one of {', '.join(TEMPERATURE_SCALINGS)}, got {scaling!r}")
+
+
+def count_scaled_temperature(temperature: float, candidates: int) -> float:
+    """``T_N = T * ln 2 / ln N`` for ``N`` adapters competing for a patch; ``T`` itself for ``N <= 2``.
+
+    With a fixed ``T`` the SoftMin routes more weakly the more adapters share a patch: for the same
+    gaps in similarity the winner's weight falls towards ``1 / N``. Dividing ``T`` by ``log2 N``
+    sharpens it with the count (``T / 2`` at N = 4, ``T / 3`` at N = 8), so ``T`` keeps the meaning
+    it has for two adapters. An empirical rule, chosen on the toy benchmark's tuning split
+    (``docs/quality-single-pass.md``); the paper keeps ``T`` fixed.
+    """
+    return temperature if candidates <= 2 else temperature * math.log(2) / math.log(candidates)
 
 
 def check_top_k(k: int) -> None:

@@ -130,6 +130,20 @@ def loratorio_inputs() -> dict[str, tuple]:
     }
 
 
+def temperature_scaling_inputs() -> dict[str, tuple]:
+    """An optional input, so workflows saved without it keep loading (as "fixed", the paper)."""
+    return {
+        "temperature_scaling": (
+            list(lc.TEMPERATURE_SCALINGS),
+            tip(
+                "fixed: T as given (the paper). by LoRA count: T is for two LoRAs and is divided by log2 N for N, "
+                "so routing stays as sharp with more LoRAs.",
+                default=lc.TEMPERATURE_SCALINGS[0],
+            ),
+        ),
+    }
+
+
 def routing_inputs() -> dict[str, tuple]:
     """LoRAtorio's single-pass routed mode (optional inputs: workflows saved without them keep loading)."""
     return {

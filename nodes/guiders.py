@@ -10,6 +10,7 @@ from .common import (
     composition_inputs,
     loratorio_inputs,
     routing_inputs,
+    temperature_scaling_inputs,
     tip,
     with_preview,
 )
@@ -30,7 +31,7 @@ class LoRAtorioGuiderNode:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {**composition_inputs(), **loratorio_inputs()},
-            "optional": {**adapter_prompt_inputs(), **routing_inputs()},
+            "optional": {**adapter_prompt_inputs(), **routing_inputs(), **temperature_scaling_inputs()},
         }
 
     def get_guider(self, model, positive, negative, lora_stack, cfg, **params):

@@ -12,6 +12,7 @@ from .common import (
     ksampler_inputs,
     loratorio_inputs,
     routing_inputs,
+    temperature_scaling_inputs,
     with_preview,
 )
 from .guiders import tau_input
@@ -38,7 +39,7 @@ class LoRAtorioSampler:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {**composition_inputs(), **ksampler_inputs(), **loratorio_inputs()},
-            "optional": {**adapter_prompt_inputs(), **routing_inputs()},
+            "optional": {**adapter_prompt_inputs(), **routing_inputs(), **temperature_scaling_inputs()},
         }
 
     def sample(self, model, positive, negative, lora_stack, cfg, latent_image, **values):

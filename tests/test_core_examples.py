@@ -107,6 +107,25 @@ def test_lambda_one_needs_no_adapter_unconds():
         lc.loratorio(base, base, adapters, None, 7.0, lc.LoRAtorioParams(recentre_lambda=0.5))
 
 
+def test_temperature_scaled_by_lora_count():
+    assert lc.count_scaled_temperature(0.05, 2) == 0.05
+    assert math.isclose(lc.count_scaled_temperature(0.05, 4), 0.025)
+    assert math.isclose(lc.count_scaled_temperature(0.06, 8), 0.02)
+    generator = torch.Generator().manual_seed(0)
+    base, adapters = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(4, 1, 4, 8, 8, generator=generator)
+
+    def weights(temperature: float, scaling: str = "fixed", top_k: int | None = None) -> torch.Tensor:
+        params = lc.LoRAtorioParams(patch_size=4, temperature=temperature, temperature_scaling=scaling, top_k=top_k)
+        return lc.routing_weights(adapters, base, params)
+
+    torch.testing.assert_close(weights(0.05, "by LoRA count"), weights(0.025))
+    torch.testing.assert_close(weights(0.05, "by LoRA count", top_k=2), weights(0.05, top_k=2))  # 2 of them compete
+    two = [lc.LoRAtorioParams(patch_size=4, temperature=0.05, temperature_scaling=s) for s in lc.TEMPERATURE_SCALINGS]
+    torch.testing.assert_close(*(lc.routing_weights(adapters[:2], base, params) for params in two))  # two LoRAs: T as given
+    with pytest.raises(ValueError, match="temperature_scaling must be one of fixed, by LoRA count"):
+        lc.LoRAtorioParams(temperature_scaling="sigma")
+
+
 def test_top_k_hand_example():
     # 3 adapters, 1 sample, 1x2 patches
     s = torch.tensor([[[[0.9, 0.1]]], [[[0.5, 0.5]]], [[[0.1, 0.9]]]])

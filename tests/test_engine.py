@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import comfy.model_management
@@ -362,6 +363,17 @@ def test_weight_maps_node_after_a_run_with_no_step_shows_the_legend(pack, tiny_m
     (image,) = pack.NODE_CLASS_MAPPINGS["LoRAtorioWeightMaps"]().render(guider, output.result[0])["result"]
     assert len(guider.weight_history) == 0
     assert image.shape[0] == 1 and image.shape[-1] == 3 and image.std() > 0.05  # the legend's names and swatches
+
+
+def test_temperature_scaled_by_lora_count_is_the_fixed_one_at_t_over_log2_n(pack, engine, tiny_model_factory, sd15_stack):
+    patcher = tiny_model_factory("sd15")
+    optional = pack.NODE_CLASS_MAPPINGS["LoRAtorioSampler"].INPUT_TYPES()["optional"]
+    assert optional["temperature_scaling"][1]["default"] == "fixed", "the paper's fixed T unless asked"
+    scaled = make_guider(engine, "loratorio", patcher, sd15_stack[:3], temperature=0.05, temperature_scaling="by LoRA count")
+    fixed = make_guider(engine, "loratorio", patcher, sd15_stack[:3], temperature=0.05 * math.log(2) / math.log(3))
+    torch.testing.assert_close(run_sampler(engine, scaled)["samples"], run_sampler(engine, fixed)["samples"])
+    as_given = run_sampler(engine, make_guider(engine, "loratorio", patcher, sd15_stack[:3], temperature=0.05))["samples"]
+    assert not torch.allclose(run_sampler(engine, scaled)["samples"], as_given, atol=1e-4)
 
 
 def comfy_nodes_noise(seed: int):
