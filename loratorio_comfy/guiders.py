@@ -22,7 +22,6 @@ import torch
 
 from .. import loratorio_core as lc
 from .adapter_set import AdapterSet
-from .adapters import LoRAInputError
 from .row_lora import BASE_ROW, COND, ROUTED_ROW, ROW_MAP_KEY, UNCOND, apply_model_with_rows, row_layers_registered, set_routing
 
 WRAPPER_KEY = "loratorio"
@@ -128,11 +127,8 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
     def check_region_batches(self, batch: int) -> None:
         """Before any step: each region holds one mask, or one per image of the batch."""
         for name, region in zip(self.adapters.names, self.regions, strict=True):
-            if region is not None and region.mask.ndim == 3 and region.mask.shape[0] not in (1, batch):
-                raise LoRAInputError(
-                    f"the region mask of LoRA '{name}' holds {region.mask.shape[0]} masks for a batch of {batch} images; "
-                    f"give it one mask, or {batch} (one per image)"
-                )
+            if region is not None:
+                lc.check_mask_batch(region.mask, batch, f"the region mask of LoRA '{name}'")
 
     def outer_sample(self, *args, **kwargs):
         """The per-row ``APPLY_MODEL`` wrapper goes in here, innermost: by now ComfyUI has merged the

@@ -21,7 +21,7 @@ from .loratorio import (
     weighted_sum,
 )
 from .patches import expand_patches, patch_cosine_similarity, patch_grid
-from .regions import Region, RegionMaps, region_maps, regional_mean, resize_mask, weighted_with_base
+from .regions import Region, RegionMaps, check_mask_batch, region_maps, regional_mean, resize_mask, weighted_with_base
 from .routed import (
     DEFAULT_FULL_STEPS,
     DEFAULT_REFRESH_EVERY,
@@ -70,6 +70,7 @@ __all__ = [
     "adapter_mean",
     "adapter_palette",
     "budget_factor",
+    "check_mask_batch",
     "classifier_free_guidance",
     "colourise",
     "count_scaled_temperature",

@@ -52,13 +52,20 @@ class RegionMaps:
     prior: Tensor
 
 
+def check_mask_batch(mask: Tensor, batch: int, what: str = "a region mask") -> None:
+    """A mask ``[H, W]`` or ``[B, H, W]`` serves a batch of ``batch`` images when ``B`` is 1 or ``batch``."""
+    if mask.ndim == 3 and mask.shape[0] not in (1, batch):
+        raise ValueError(
+            f"{what} holds {mask.shape[0]} masks for a batch of {batch} images; give it one mask, or {batch} (one per image)"
+        )
+
+
 def resize_mask(mask: Tensor, batch: int, height: int, width: int) -> Tensor:
     """``mask`` as ``[batch, height, width]`` float32 by area averaging (any size to any size)."""
+    check_mask_batch(mask, batch)
     mask = mask.to(SIMILARITY_DTYPE)
     if mask.ndim == 2:
         mask = mask.unsqueeze(0)
-    if mask.shape[0] not in (1, batch):
-        raise ValueError(f"a region mask holds {mask.shape[0]} masks for a batch of {batch}; give one, or one per image")
     resized = F.interpolate(mask.unsqueeze(1), size=(height, width), mode="area").squeeze(1)
     return resized.expand(batch, height, width).clamp(0.0, 1.0)
 
