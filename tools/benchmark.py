@@ -327,12 +327,10 @@ class Bench:
         finally:
             handle.remove()
 
-    def counted_run(self, guider, steps: int, settle: bool = False) -> tuple[float, int]:
-        """(seconds, rows evaluated) of one sampling run. ``settle``: after an untimed short run, so that
-        ComfyUI's patching of this guider's weights (Merge's LoRAs, or restoring the base after them)
-        is not timed."""
-        if settle:
-            self.sample_seconds(guider, STEPS_SHORT)
+    def settled_run(self, guider, steps: int) -> tuple[float, int]:
+        """(seconds, rows evaluated) of one sampling run after an untimed short one, so that ComfyUI's
+        patching of this guider's weights (Merge's LoRAs, or restoring the base after them) is not timed."""
+        self.sample_seconds(guider, STEPS_SHORT)
         with self.forward_rows() as counts:
             seconds = self.sample_seconds(guider, steps)
         return seconds, sum(counts)
@@ -463,9 +461,9 @@ def interleaved_whole_runs(options: argparse.Namespace, meta: dict, save) -> str
             times: dict[str, list[float]] = {label: [] for label in variants}
             rows: dict[str, int] = {}
             for round_index in range(options.repeats):
-                plain, plain_rows = bench.counted_run(ksampler, steps, settle=True)
+                plain, plain_rows = bench.settled_run(ksampler, steps)
                 for label, guider in variants.items():
-                    seconds, rows[label] = bench.counted_run(guider, steps, settle=True)
+                    seconds, rows[label] = bench.settled_run(guider, steps)
                     times[label].append(seconds / plain)
                 print(f"  {model_name} N={n} round {round_index + 1}: KSampler {plain:.1f} s", flush=True)
             for label, ratios in times.items():
