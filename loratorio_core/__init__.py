@@ -38,7 +38,7 @@ from .weights import (
     TOP_K_MODES,
     TemperatureScaling,
     TopKMode,
-    count_scaled_temperature,
+    count_scaled_similarity,
     softmin_weights,
     top_k_mask,
 )
@@ -73,7 +73,7 @@ __all__ = [
     "check_mask_batch",
     "classifier_free_guidance",
     "colourise",
-    "count_scaled_temperature",
+    "count_scaled_similarity",
     "denoised_to_noise",
     "expand_patches",
     "lora_composite",

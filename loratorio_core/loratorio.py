@@ -6,7 +6,7 @@ Per step, with base predictions ``eps_0(c)``, ``eps_0(u)`` and adapter predictio
 1. ``s_ip = cos(eps_i(c)|p, eps_0(c)|p)`` for every adapter ``i`` and patch ``p``;
 2. optional dynamic selection: a top-k mask keeps the ``k`` least similar adapters;
 3. ``Omega_ip = SoftMin_i(s_ip / T)`` over the kept adapters, upsampled to latent pixels (``T``
-   fixed as in the paper, or scaled by the adapter count: :func:`.weights.count_scaled_temperature`);
+   fixed as in the paper, or divided by log2 of the adapters competing there: :func:`.weights.count_scaled_similarity`);
 4. composed cond ``c~ = sum_i Omega_i * eps_i(c)``;
 5. re-centred uncond ``u~ = lambda * eps_0(u) + (1 - lambda) * sum_i Omega_i * eps_i(u)``;
 6. guidance ``u~ + g * (c~ - u~)``.
@@ -46,7 +46,7 @@ from .weights import (
     check_temperature_scaling,
     check_top_k,
     check_top_k_mode,
-    count_scaled_temperature,
+    count_scaled_similarity,
     softmin_over_kept,
     top_k_mask,
 )
@@ -100,11 +100,9 @@ def routing_weights(
         maps = region_maps(regions, batch, rows, cols, similarity.device)
         keep = maps.allowed if keep is None else keep & maps.allowed
         prior = maps.prior
-    temperature = params.temperature
     if params.temperature_scaling == "by LoRA count":
-        candidates = similarity.shape[0] if params.top_k is None else min(params.top_k, similarity.shape[0])
-        temperature = count_scaled_temperature(temperature, candidates)
-    per_patch = softmin_over_kept(similarity, temperature, keep, prior)  # params were checked when made
+        similarity = count_scaled_similarity(similarity, keep)
+    per_patch = softmin_over_kept(similarity, params.temperature, keep, prior)  # params were checked when made
     height, width = base_cond.shape[-2:]
     return expand_patches(per_patch, height, width, params.patch_size).unsqueeze(2)
 

@@ -33,16 +33,22 @@ def check_temperature_scaling(scaling: str) -> None:
         raise ValueError(f"temperature_scaling must be one of {', '.join(TEMPERATURE_SCALINGS)}, got {scaling!r}")
 
 
-def count_scaled_temperature(temperature: float, candidates: int) -> float:
-    """``T_N = T * ln 2 / ln N`` for ``N`` adapters competing for a patch; ``T`` itself for ``N <= 2``.
+def count_scaled_similarity(similarity: Tensor, keep: Tensor | None = None) -> Tensor:
+    """``s * log2 N_p``, with ``N_p`` the adapters competing at each position (those ``keep`` keeps,
+    all ``N`` without it; at least 2): a SoftMin at ``T`` of the result is one at ``T / log2 N_p``
+    of ``s``, position by position.
 
     With a fixed ``T`` the SoftMin routes more weakly the more adapters share a patch: for the same
     gaps in similarity the winner's weight falls towards ``1 / N``. Dividing ``T`` by ``log2 N``
-    sharpens it with the count (``T / 2`` at N = 4, ``T / 3`` at N = 8), so ``T`` keeps the meaning
-    it has for two adapters. An empirical rule, chosen on the toy benchmark's tuning split
-    (``docs/quality-single-pass.md``); the paper keeps ``T`` fixed.
+    (``T * ln 2 / ln N``) sharpens it with the count (``T / 2`` at N = 4, ``T / 3`` at N = 8), so
+    ``T`` keeps the meaning it has for two adapters. Counting per position means a patch where
+    regions or the top-k mask leave two adapters routes as two adapters do. An empirical rule,
+    chosen on the toy benchmark's tuning split (``docs/quality-single-pass.md``); the paper keeps
+    ``T`` fixed.
     """
-    return temperature if candidates <= 2 else temperature * math.log(2) / math.log(candidates)
+    s = similarity.to(SIMILARITY_DTYPE)
+    competing = torch.tensor(float(s.shape[0])) if keep is None else keep.expand_as(s).sum(dim=0, keepdim=True)
+    return s * competing.to(SIMILARITY_DTYPE).clamp_min(2.0).log2()
 
 
 def check_top_k(k: int) -> None:

@@ -136,8 +136,8 @@ def temperature_scaling_inputs() -> dict[str, tuple]:
         "temperature_scaling": (
             list(lc.TEMPERATURE_SCALINGS),
             tip(
-                "fixed: T as given (the paper). by LoRA count: T is for two LoRAs and is divided by log2 N for N, "
-                "so routing stays as sharp with more LoRAs.",
+                "fixed: T as given (the paper). by LoRA count: T is for two LoRAs and is divided by log2 N for the N "
+                "competing in a patch (after top_k and hard regions), so routing stays as sharp with more LoRAs.",
                 default=lc.TEMPERATURE_SCALINGS[0],
             ),
         ),

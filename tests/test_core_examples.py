@@ -108,22 +108,36 @@ def test_lambda_one_needs_no_adapter_unconds():
 
 
 def test_temperature_scaled_by_lora_count():
-    assert lc.count_scaled_temperature(0.05, 2) == 0.05
-    assert math.isclose(lc.count_scaled_temperature(0.05, 4), 0.025)
-    assert math.isclose(lc.count_scaled_temperature(0.06, 8), 0.02)
     generator = torch.Generator().manual_seed(0)
     base, adapters = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(4, 1, 4, 8, 8, generator=generator)
 
-    def weights(temperature: float, scaling: str = "fixed", top_k: int | None = None) -> torch.Tensor:
+    def weights(temperature: float, scaling: str = "fixed", top_k: int | None = None, count: int = 4) -> torch.Tensor:
         params = lc.LoRAtorioParams(patch_size=4, temperature=temperature, temperature_scaling=scaling, top_k=top_k)
-        return lc.routing_weights(adapters, base, params)
+        return lc.routing_weights(adapters[:count], base, params)
 
-    torch.testing.assert_close(weights(0.05, "by LoRA count"), weights(0.025))
+    torch.testing.assert_close(weights(0.05, "by LoRA count"), weights(0.025))  # T / log2 4
+    torch.testing.assert_close(weights(0.06, "by LoRA count", count=3), weights(0.06 / math.log2(3), count=3))
     torch.testing.assert_close(weights(0.05, "by LoRA count", top_k=2), weights(0.05, top_k=2))  # 2 of them compete
-    two = [lc.LoRAtorioParams(patch_size=4, temperature=0.05, temperature_scaling=s) for s in lc.TEMPERATURE_SCALINGS]
-    torch.testing.assert_close(*(lc.routing_weights(adapters[:2], base, params) for params in two))  # two LoRAs: T as given
+    torch.testing.assert_close(weights(0.05, "by LoRA count", count=2), weights(0.05, count=2))  # two LoRAs: T as given
     with pytest.raises(ValueError, match="temperature_scaling must be one of fixed, by LoRA count"):
         lc.LoRAtorioParams(temperature_scaling="sigma")
+
+
+def test_temperature_by_lora_count_counts_the_loras_a_patch_s_regions_allow():
+    generator = torch.Generator().manual_seed(1)
+    base, adapters = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(4, 1, 4, 8, 8, generator=generator)
+    left = torch.zeros(8, 8)
+    left[:, :4] = 1.0
+    regions = [lc.Region(left), lc.Region(left), None, None]  # left half: 4 LoRAs compete, right half: 2
+
+    def weights(temperature: float, scaling: str = "fixed") -> torch.Tensor:
+        params = lc.LoRAtorioParams(patch_size=4, temperature=temperature, temperature_scaling=scaling)
+        return lc.routing_weights(adapters, base, params, regions)
+
+    scaled = weights(0.05, "by LoRA count")
+    torch.testing.assert_close(scaled[..., :4], weights(0.025)[..., :4])
+    torch.testing.assert_close(scaled[..., 4:], weights(0.05)[..., 4:])
+    assert torch.all(scaled[:2, ..., 4:] == 0)
 
 
 def test_top_k_hand_example():

@@ -371,9 +371,11 @@ def test_temperature_scaled_by_lora_count_is_the_fixed_one_at_t_over_log2_n(pack
     assert optional["temperature_scaling"][1]["default"] == "fixed", "the paper's fixed T unless asked"
     scaled = make_guider(engine, "loratorio", patcher, sd15_stack[:3], temperature=0.05, temperature_scaling="by LoRA count")
     fixed = make_guider(engine, "loratorio", patcher, sd15_stack[:3], temperature=0.05 * math.log(2) / math.log(3))
-    torch.testing.assert_close(run_sampler(engine, scaled)["samples"], run_sampler(engine, fixed)["samples"])
+    # equal up to float32 rounding: the scaling multiplies the cosines by log2 3 instead of dividing T
+    scaled_samples, fixed_samples = run_sampler(engine, scaled)["samples"], run_sampler(engine, fixed)["samples"]
+    torch.testing.assert_close(scaled_samples, fixed_samples, atol=1e-3, rtol=1e-5)
     as_given = run_sampler(engine, make_guider(engine, "loratorio", patcher, sd15_stack[:3], temperature=0.05))["samples"]
-    assert not torch.allclose(run_sampler(engine, scaled)["samples"], as_given, atol=1e-4)
+    assert not torch.allclose(scaled_samples, as_given, atol=1e-2)
 
 
 def comfy_nodes_noise(seed: int):
