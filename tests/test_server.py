@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +25,10 @@ def test_server_lists_the_pack_nodes_and_stops(comfyui_dir, tmp_path, pack):
         log = server.log()
         assert "IMPORT FAILED" not in log
         assert "failed to load" not in log, "a node module of the pack failed to import in the server"
-        assert "comfyui-loratorio" in log
+        # this checkout's pack, through the link in the server's own folder, whatever the host links
+        own_link = tmp_path / "custom_nodes" / "comfyui-loratorio"
+        assert f"seconds: {own_link}" in log
+        assert own_link.resolve() == Path(__file__).resolve().parents[1]
         pid = server.process.pid
     assert server.process.poll() is not None
     with pytest.raises(ProcessLookupError):

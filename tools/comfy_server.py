@@ -2,7 +2,8 @@
 
 Used by the demo and by the tests. The server runs in its own process group, so stopping it
 also stops anything it started; it is stopped when the ``with`` block ends for any reason
-(an exception, Ctrl-C).
+(an exception, Ctrl-C). It loads the pack of the checkout this file is in, through a link in its
+own work folder (``--base-directory``), so servers of two checkouts can run side by side on one host.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from host import PACK_DIR, PACK_LINK_NAME
 
 
 def free_port() -> int:
@@ -56,6 +59,19 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=15)
 
 
+def link_pack(base_dir: Path) -> None:
+    """``base_dir/custom_nodes/comfyui-loratorio`` -> this checkout, for a server started with
+    ``--base-directory base_dir``: it loads custom nodes from there alone, so it runs this checkout's
+    pack, and none of the host's ``custom_nodes``."""
+    link = base_dir / "custom_nodes" / PACK_LINK_NAME
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() and link.resolve() == PACK_DIR:
+        return
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(PACK_DIR, target_is_directory=True)
+
+
 def frontend_arguments() -> list[str]:
     """``--front-end-root`` when ``LORATORIO_FRONTEND_ROOT`` names another frontend build to serve
     (``tools/compat.py --frontend VERSION`` sets it); ComfyUI's installed frontend otherwise."""
@@ -71,11 +87,13 @@ def comfyui_server(
     extra_args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
 ) -> Iterator[RunningServer]:
-    """A ComfyUI server with this pack loaded; its output, temp and user folders live in ``work_dir``.
-    ``env``: variables set for the server on top of this process's environment."""
+    """A ComfyUI server with this checkout's pack loaded; its custom_nodes, output, temp and user
+    folders live in ``work_dir``. ``env``: variables set for the server on top of this process's
+    environment."""
     port = free_port()
     for name in ("output", "temp", "user", "input"):
         (work_dir / name).mkdir(parents=True, exist_ok=True)
+    link_pack(work_dir)
     log_path = work_dir / "server.log"
     cmd = [
         sys.executable,
@@ -86,6 +104,8 @@ def comfyui_server(
         "--port",
         str(port),
         "--disable-auto-launch",
+        "--base-directory",
+        str(work_dir),
         "--output-directory",
         str(work_dir / "output"),
         "--temp-directory",

