@@ -48,6 +48,16 @@ def reserve_memory_for_rows(rows_per_step: int, adapters: AdapterSet, executor, 
     return executor(model, [max(1, math.ceil(rows / 2)), *noise_shape[1:]], conds, *args, **kwargs)
 
 
+def noise_to_signal_ratio(model_sampling, timestep: torch.Tensor) -> float:
+    """The step's noise-to-signal ratio, read off the model's own noising (``noise_scaling``):
+    sigma for SD1.5 and SDXL (``x = x0 + sigma * noise``), sigma / (1 - sigma) for the flow models
+    SD3 and Flux (``x = (1 - sigma) * x0 + sigma * noise``). Reads the sigma from the device."""
+    sigma = timestep.detach().flatten()[:1].float().cpu()
+    noise = float(model_sampling.noise_scaling(sigma, torch.ones(1, 1), torch.zeros(1, 1)))
+    signal = float(model_sampling.noise_scaling(sigma, torch.zeros(1, 1), torch.ones(1, 1)))
+    return noise / signal if signal > 0 else math.inf
+
+
 class AdapterRowsGuider(comfy.samplers.CFGGuider):
     """Shared machinery: the adapter set, the row batching and the hooks' lifetime."""
 
@@ -275,7 +285,10 @@ class LoRAtorioGuider(AdapterRowsGuider):
         adapter_conds = torch.stack(out[1 : 1 + n])
         # the routing signal lives in noise space; x and sigma are shared, so (x - D) has the same cosines
         regions = self.regions_of(active)
-        weights = lc.routing_weights(x.unsqueeze(0) - adapter_conds, x - base_cond, self.params, regions)
+        noise_level = None
+        if self.params.temperature_scaling == "by LoRA count and noise level":
+            noise_level = noise_to_signal_ratio(self.model_patcher.get_model_object("model_sampling"), timestep)
+        weights = lc.routing_weights(x.unsqueeze(0) - adapter_conds, x - base_cond, self.params, regions, noise_level)
         every_adapter = weights.new_zeros(len(self.adapters), *weights.shape[1:])
         every_adapter[list(active)] = weights
         self._file_weight_map(every_adapter, timestep, model_options)

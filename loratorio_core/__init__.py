@@ -39,6 +39,7 @@ from .weights import (
     TemperatureScaling,
     TopKMode,
     count_scaled_similarity,
+    noise_scaled_similarity,
     softmin_weights,
     top_k_mask,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "lora_composite",
     "loratorio",
     "mask_routing",
+    "noise_scaled_similarity",
     "noise_to_denoised",
     "patch_cosine_similarity",
     "patch_grid",

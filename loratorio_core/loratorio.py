@@ -6,7 +6,9 @@ Per step, with base predictions ``eps_0(c)``, ``eps_0(u)`` and adapter predictio
 1. ``s_ip = cos(eps_i(c)|p, eps_0(c)|p)`` for every adapter ``i`` and patch ``p``;
 2. optional dynamic selection: a top-k mask keeps the ``k`` least similar adapters;
 3. ``Omega_ip = SoftMin_i(s_ip / T)`` over the kept adapters, upsampled to latent pixels (``T``
-   fixed as in the paper, or divided by log2 of the adapters competing there: :func:`.weights.count_scaled_similarity`);
+   fixed as in the paper, or divided by log2 of the adapters competing there:
+   :func:`.weights.count_scaled_similarity`, and also scaled by the noise level:
+   :func:`.weights.noise_scaled_similarity`);
 4. composed cond ``c~ = sum_i Omega_i * eps_i(c)``;
 5. re-centred uncond ``u~ = lambda * eps_0(u) + (1 - lambda) * sum_i Omega_i * eps_i(u)``;
 6. guidance ``u~ + g * (c~ - u~)``.
@@ -47,6 +49,7 @@ from .weights import (
     check_top_k,
     check_top_k_mode,
     count_scaled_similarity,
+    noise_scaled_similarity,
     softmin_over_kept,
     top_k_mask,
 )
@@ -88,10 +91,16 @@ class LoRAtorioParams:
 
 
 def routing_weights(
-    adapter_conds: Tensor, base_cond: Tensor, params: LoRAtorioParams, regions: Sequence[Region | None] | None = None
+    adapter_conds: Tensor,
+    base_cond: Tensor,
+    params: LoRAtorioParams,
+    regions: Sequence[Region | None] | None = None,
+    noise_level: float | None = None,
 ) -> Tensor:
     """``Omega [N, B, 1, H, W]`` (float32) from noise-space cond predictions (steps 1 to 3), within
-    the adapters' ``regions`` (see :mod:`.regions`; where they leave no adapter, Omega sums to 0)."""
+    the adapters' ``regions`` (see :mod:`.regions`; where they leave no adapter, Omega sums to 0).
+    ``noise_level``: the step's noise-to-signal ratio, needed by ``temperature_scaling`` = ``by LoRA
+    count and noise level``."""
     similarity = patch_cosine_similarity(adapter_conds, base_cond, params.patch_size)
     keep = None if params.top_k is None else top_k_mask(similarity, params.top_k, params.top_k_mode)
     prior = None
@@ -100,8 +109,12 @@ def routing_weights(
         maps = region_maps(regions, batch, rows, cols, similarity.device)
         keep = maps.allowed if keep is None else keep & maps.allowed
         prior = maps.prior
-    if params.temperature_scaling == "by LoRA count":
+    if params.temperature_scaling != "fixed":
         similarity = count_scaled_similarity(similarity, keep)
+    if params.temperature_scaling == "by LoRA count and noise level":
+        if noise_level is None:
+            raise ValueError("temperature_scaling 'by LoRA count and noise level' needs the step's noise level")
+        similarity = noise_scaled_similarity(similarity, noise_level)
     per_patch = softmin_over_kept(similarity, params.temperature, keep, prior)  # params were checked when made
     height, width = base_cond.shape[-2:]
     return expand_patches(per_patch, height, width, params.patch_size).unsqueeze(2)
@@ -147,6 +160,7 @@ def loratorio(
     adapter_unconds: Tensor | None,
     cfg_scale: float,
     params: LoRAtorioParams = LoRAtorioParams(),
+    noise_level: float | None = None,
 ) -> LoRAtorioResult:
     """One LoRAtorio step in noise space (steps 1 to 6 of the module docstring).
 
@@ -155,13 +169,14 @@ def loratorio(
         adapter_conds: ``[N, B, C, H, W]``, adapter ``i``'s cond prediction in row ``i``.
         adapter_unconds: the same for the uncond, or None when ``params.recentre_lambda == 1``.
         cfg_scale: ``g``.
+        noise_level: the step's noise-to-signal ratio (for ``temperature_scaling`` by noise level).
     """
     check_latent(base_cond, "base_cond")
     check_latent(base_uncond, "base_uncond")
     if base_uncond.shape != base_cond.shape:
         raise ValueError(f"base_uncond has shape {tuple(base_uncond.shape)}, base_cond {tuple(base_cond.shape)}; they must match")
     check_stack(adapter_conds, base_cond, "adapter_conds")
-    weights = routing_weights(adapter_conds, base_cond, params)
+    weights = routing_weights(adapter_conds, base_cond, params, noise_level=noise_level)
     cond = weighted_sum(weights, adapter_conds)
     uncond = recentred_uncond(base_uncond, adapter_unconds, weights, params.recentre_lambda)
     return LoRAtorioResult(cond=cond, uncond=uncond, guided=classifier_free_guidance(cond, uncond, cfg_scale), weights=weights)

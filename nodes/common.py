@@ -137,7 +137,9 @@ def temperature_scaling_inputs() -> dict[str, tuple]:
             list(lc.TEMPERATURE_SCALINGS),
             tip(
                 "fixed: T as given (the paper). by LoRA count: T is for two LoRAs and is divided by log2 N for the N "
-                "competing in a patch (after top_k and hard regions), so routing stays as sharp with more LoRAs.",
+                "competing in a patch (after top_k and hard regions), so routing stays as sharp with more LoRAs. "
+                "by LoRA count and noise level: also T * r^3 at noise-to-signal ratio r, blending while noise "
+                "dominates and routing harder as the image forms.",
                 default=lc.TEMPERATURE_SCALINGS[0],
             ),
         ),

@@ -140,6 +140,26 @@ def test_temperature_by_lora_count_counts_the_loras_a_patch_s_regions_allow():
     assert torch.all(scaled[:2, ..., 4:] == 0)
 
 
+def test_temperature_by_lora_count_and_noise_level_is_t_times_r_cubed():
+    generator = torch.Generator().manual_seed(2)
+    base, adapters = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(4, 1, 4, 8, 8, generator=generator)
+
+    def weights(temperature: float, scaling: str, noise_level: float | None = None) -> torch.Tensor:
+        params = lc.LoRAtorioParams(patch_size=4, temperature=temperature, temperature_scaling=scaling)
+        return lc.routing_weights(adapters, base, params, noise_level=noise_level)
+
+    for ratio in (0.3, 1.0, 2.5):
+        scaled = weights(0.05, "by LoRA count and noise level", ratio)
+        torch.testing.assert_close(scaled, weights(0.05 * ratio**3, "by LoRA count"), rtol=1e-5, atol=1e-6)
+    high, low = weights(0.05, "by LoRA count and noise level", 14.6), weights(0.05, "by LoRA count and noise level", 0.03)
+    torch.testing.assert_close(high, torch.full_like(high, 0.25), atol=1e-3, rtol=0)  # noise dominates: the plain mean
+    assert torch.all(low.amax(dim=0) > 0.99)  # the image has formed: each patch goes to one LoRA
+    with pytest.raises(ValueError, match="needs the step's noise level"):
+        weights(0.05, "by LoRA count and noise level")
+    with pytest.raises(ValueError, match="noise level must be a number >= 0"):
+        weights(0.05, "by LoRA count and noise level", math.nan)
+
+
 def test_top_k_hand_example():
     # 3 adapters, 1 sample, 1x2 patches
     s = torch.tensor([[[[0.9, 0.1]]], [[[0.5, 0.5]]], [[[0.1, 0.9]]]])

@@ -378,6 +378,25 @@ def test_temperature_scaled_by_lora_count_is_the_fixed_one_at_t_over_log2_n(pack
     assert not torch.allclose(scaled_samples, as_given, atol=1e-2)
 
 
+@pytest.mark.parametrize(("family", "sigma", "ratio"), [("sd15", 2.0, 2.0), ("sd3", 0.75, 3.0), ("flux", 0.5, 1.0)])
+def test_noise_level_is_the_noise_to_signal_ratio_of_the_model_s_own_noising(engine, tiny_model_factory, family, sigma, ratio):
+    sampling = tiny_model_factory(family).get_model_object("model_sampling")
+    assert math.isclose(engine.guiders.noise_to_signal_ratio(sampling, torch.tensor([sigma])), ratio, rel_tol=1e-6)
+
+
+def test_temperature_by_lora_count_and_noise_level_routes_by_each_step_s_sigma(pack, engine, tiny_model_factory, sd15_stack):
+    patcher = tiny_model_factory("sd15")
+    by_noise = make_guider(engine, "loratorio", patcher, sd15_stack[:3], temperature_scaling="by LoRA count and noise level")
+    by_count = make_guider(engine, "loratorio", patcher, sd15_stack[:3], temperature_scaling="by LoRA count")
+    noisy, counted = run_sampler(engine, by_noise)["samples"], run_sampler(engine, by_count)["samples"]
+    assert torch.isfinite(noisy).all() and not torch.allclose(noisy, counted, atol=1e-2)
+    maps = by_noise.weight_history.maps()
+    first, last = maps[0], maps[-1]
+    assert first.amax() < last.amax()  # near the plain mean at high noise, harder routing at the end
+    options = pack.NODE_CLASS_MAPPINGS["LoRAtorioGuider"].INPUT_TYPES()["optional"]["temperature_scaling"][0]
+    assert "by LoRA count and noise level" in options
+
+
 def comfy_nodes_noise(seed: int):
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
 
