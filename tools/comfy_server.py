@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from host import PACK_DIR, PACK_LINK_NAME
+from host import link_pack
 
 
 def free_port() -> int:
@@ -59,19 +59,6 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=15)
 
 
-def link_pack(base_dir: Path) -> None:
-    """``base_dir/custom_nodes/comfyui-loratorio`` -> this checkout, for a server started with
-    ``--base-directory base_dir``: it loads custom nodes from there alone, so it runs this checkout's
-    pack, and none of the host's ``custom_nodes``."""
-    link = base_dir / "custom_nodes" / PACK_LINK_NAME
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() and link.resolve() == PACK_DIR:
-        return
-    if link.is_symlink():
-        link.unlink()
-    link.symlink_to(PACK_DIR, target_is_directory=True)
-
-
 def frontend_arguments() -> list[str]:
     """``--front-end-root`` when ``LORATORIO_FRONTEND_ROOT`` names another frontend build to serve
     (``tools/compat.py --frontend VERSION`` sets it); ComfyUI's installed frontend otherwise."""
@@ -93,7 +80,9 @@ def comfyui_server(
     port = free_port()
     for name in ("output", "temp", "user", "input"):
         (work_dir / name).mkdir(parents=True, exist_ok=True)
-    link_pack(work_dir)
+    # with --base-directory the server loads custom nodes from work_dir alone: this checkout's pack,
+    # and none of the host's custom_nodes
+    link_pack(work_dir / "custom_nodes")
     log_path = work_dir / "server.log"
     cmd = [
         sys.executable,

@@ -63,10 +63,6 @@ class Host:
     python: Path
     managed: bool  # False when the user pointed us at their own ComfyUI
 
-    @property
-    def pack_link(self) -> Path:
-        return self.comfyui_dir / "custom_nodes" / PACK_LINK_NAME
-
     def environ(self) -> dict[str, str]:
         env = dict(os.environ)
         env["LORATORIO_COMFYUI_DIR"] = str(self.comfyui_dir)
@@ -223,8 +219,9 @@ def fetch_comfyui(host: Host) -> None:
     staging.rename(host.comfyui_dir)
 
 
-def link_pack(host: Host) -> None:
-    link = host.pack_link
+def link_pack(custom_nodes: Path) -> None:
+    """``custom_nodes/comfyui-loratorio`` -> this clone, re-pointed if it links another clone."""
+    link = custom_nodes / PACK_LINK_NAME
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink():
         if link.resolve() == PACK_DIR:
@@ -311,7 +308,7 @@ def main(argv: list[str]) -> int:
         return 0
     args = options.args[1:] if options.args[:1] == ["--"] else options.args
     if options.command == "serve":
-        link_pack(host)
+        link_pack(host.comfyui_dir / "custom_nodes")
         cmd = [str(host.python), "main.py", "--cpu", "--listen", "127.0.0.1", *args]
         say(f"starting ComfyUI: {' '.join(cmd[1:])} (Ctrl-C stops it)")
         return subprocess.call(cmd, cwd=host.comfyui_dir, env=host.environ())
