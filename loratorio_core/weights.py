@@ -22,7 +22,7 @@ TOP_K_MODES: tuple[TopKMode, ...] = ("patch", "image")
 TemperatureScaling = Literal["fixed", "by LoRA count", "by LoRA count and noise level"]
 TEMPERATURE_SCALINGS: tuple[TemperatureScaling, ...] = ("fixed", "by LoRA count", "by LoRA count and noise level")
 # T * r**3 at noise-to-signal ratio r: chosen on the toy benchmark's tuning split over the powers
-# 0 (0.471 recall), 0.5, 1, 2 and 3 (0.493); docs/quality-single-pass.md
+# -0.5 to 6 (0.471 recall at 0, 0.493 at 3, 0.486 at 4 and 6); docs/quality-single-pass.md
 NOISE_TEMPERATURE_POWER = 3.0
 
 
