@@ -286,7 +286,7 @@ class LoRAtorioGuider(AdapterRowsGuider):
         # the routing signal lives in noise space; x and sigma are shared, so (x - D) has the same cosines
         regions = self.regions_of(active)
         noise_level = None
-        if self.params.temperature_scaling == "by LoRA count and noise level":
+        if self.params.needs_noise_level:
             noise_level = noise_to_signal_ratio(self.model_patcher.get_model_object("model_sampling"), timestep)
         weights = lc.routing_weights(x.unsqueeze(0) - adapter_conds, x - base_cond, self.params, regions, noise_level)
         every_adapter = weights.new_zeros(len(self.adapters), *weights.shape[1:])

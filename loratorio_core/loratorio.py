@@ -89,6 +89,11 @@ class LoRAtorioParams:
         """Whether the adapters' unconditional predictions enter the result (``lambda < 1``)."""
         return self.recentre_lambda < 1.0
 
+    @property
+    def needs_noise_level(self) -> bool:
+        """Whether :func:`routing_weights` needs the step's noise-to-signal ratio."""
+        return self.temperature_scaling == "by LoRA count and noise level"
+
 
 def routing_weights(
     adapter_conds: Tensor,
@@ -111,7 +116,7 @@ def routing_weights(
         prior = maps.prior
     if params.temperature_scaling != "fixed":
         similarity = count_scaled_similarity(similarity, keep)
-    if params.temperature_scaling == "by LoRA count and noise level":
+    if params.needs_noise_level:
         if noise_level is None:
             raise ValueError("temperature_scaling 'by LoRA count and noise level' needs the step's noise level")
         similarity = noise_scaled_similarity(similarity, noise_level)
