@@ -65,6 +65,7 @@ def loratorio_guider(
     full_steps=lc.DEFAULT_FULL_STEPS,
     refresh_every=lc.DEFAULT_REFRESH_EVERY,
     temperature_scaling="fixed",
+    patch_layout="grid",
 ):
     if routing not in ROUTING_MODES:
         raise LoRAInputError(f"routing is {routing!r}; use one of {', '.join(ROUTING_MODES)}")
@@ -76,6 +77,7 @@ def loratorio_guider(
         top_k=top_k if top_k > 0 else None,
         top_k_mode=top_k_mode,
         temperature_scaling=temperature_scaling,
+        patch_layout=patch_layout,
     )
     adapters = _adapters(model, lora_stack)
     guider = LoRAtorioGuider(model, adapters, check_cfg(cfg), params, _windows(lora_stack), _regions(lora_stack), routed)

@@ -20,7 +20,7 @@ from .loratorio import (
     routing_weights,
     weighted_sum,
 )
-from .patches import expand_patches, patch_cosine_similarity, patch_grid
+from .patches import PATCH_LAYOUTS, expand_patches, patch_cosine_similarity, patch_grid
 from .regions import Region, RegionMaps, check_mask_batch, region_maps, regional_mean, resize_mask, weighted_with_base
 from .routed import (
     DEFAULT_FULL_STEPS,
@@ -54,6 +54,7 @@ __all__ = [
     "DEFAULT_TOP_K",
     "DEFAULT_TOP_K_MODE",
     "FULL_WINDOW",
+    "PATCH_LAYOUTS",
     "TEMPERATURE_SCALINGS",
     "TOP_K_MODES",
     "CompositeResult",

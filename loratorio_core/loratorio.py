@@ -3,7 +3,8 @@
 Per step, with base predictions ``eps_0(c)``, ``eps_0(u)`` and adapter predictions ``eps_i(c)``
 (and ``eps_i(u)`` when ``lambda < 1``), all in noise space:
 
-1. ``s_ip = cos(eps_i(c)|p, eps_0(c)|p)`` for every adapter ``i`` and patch ``p``;
+1. ``s_ip = cos(eps_i(c)|p, eps_0(c)|p)`` for every adapter ``i`` and patch ``p`` (the paper's
+   grid of patches, or a sliding window around every latent pixel: :mod:`.patches`);
 2. optional dynamic selection: a top-k mask keeps the ``k`` least similar adapters;
 3. ``Omega_ip = SoftMin_i(s_ip / T)`` over the kept adapters, upsampled to latent pixels (``T``
    fixed as in the paper, or divided by log2 of the adapters competing there:
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .patches import check_patch_size, expand_patches, patch_cosine_similarity
+from .patches import PatchLayout, check_patch_layout, check_patch_size, expand_patches, patch_cosine_similarity
 from .regions import Region, region_maps, weighted_with_base
 from .tensors import check_latent, check_stack, classifier_free_guidance
 from .weights import (
@@ -71,9 +72,11 @@ class LoRAtorioParams:
     top_k: int | None = None
     top_k_mode: TopKMode = DEFAULT_TOP_K_MODE
     temperature_scaling: TemperatureScaling = "fixed"
+    patch_layout: PatchLayout = "grid"
 
     def __post_init__(self) -> None:
         check_patch_size(self.patch_size)
+        check_patch_layout(self.patch_layout)
         check_temperature(self.temperature)
         check_temperature_scaling(self.temperature_scaling)
         if not 0.0 <= self.recentre_lambda <= 1.0:
@@ -106,7 +109,7 @@ def routing_weights(
     the adapters' ``regions`` (see :mod:`.regions`; where they leave no adapter, Omega sums to 0).
     ``noise_level``: the step's noise-to-signal ratio, needed by ``temperature_scaling`` = ``by LoRA
     count and noise level``."""
-    similarity = patch_cosine_similarity(adapter_conds, base_cond, params.patch_size)
+    similarity = patch_cosine_similarity(adapter_conds, base_cond, params.patch_size, params.patch_layout)
     keep = None if params.top_k is None else top_k_mask(similarity, params.top_k, params.top_k_mode)
     prior = None
     if regions is not None and any(region is not None for region in regions):
@@ -120,9 +123,10 @@ def routing_weights(
         if noise_level is None:
             raise ValueError("temperature_scaling 'by LoRA count and noise level' needs the step's noise level")
         similarity = noise_scaled_similarity(similarity, noise_level)
-    per_patch = softmin_over_kept(similarity, params.temperature, keep, prior)  # params were checked when made
-    height, width = base_cond.shape[-2:]
-    return expand_patches(per_patch, height, width, params.patch_size).unsqueeze(2)
+    weights = softmin_over_kept(similarity, params.temperature, keep, prior)  # params were checked when made
+    if params.patch_layout == "grid":
+        weights = expand_patches(weights, *base_cond.shape[-2:], params.patch_size)
+    return weights.unsqueeze(2)
 
 
 def weighted_sum(weights: Tensor, predictions: Tensor) -> Tensor:

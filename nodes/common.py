@@ -130,8 +130,9 @@ def loratorio_inputs() -> dict[str, tuple]:
     }
 
 
-def temperature_scaling_inputs() -> dict[str, tuple]:
-    """An optional input, so workflows saved without it keep loading (as "fixed", the paper)."""
+def extension_inputs() -> dict[str, tuple]:
+    """LoRAtorio's options beyond the paper: optional inputs, so workflows saved without them keep
+    loading (as the paper: "fixed", "grid")."""
     return {
         "temperature_scaling": (
             list(lc.TEMPERATURE_SCALINGS),
@@ -141,6 +142,15 @@ def temperature_scaling_inputs() -> dict[str, tuple]:
                 "by LoRA count and noise level: also T * r^3 at noise-to-signal ratio r, blending while noise "
                 "dominates and routing harder as the image forms.",
                 default=lc.TEMPERATURE_SCALINGS[0],
+            ),
+        ),
+        "patch_layout": (
+            list(lc.PATCH_LAYOUTS),
+            tip(
+                "grid: the similarity is taken over a grid of patch_size patches (the paper). sliding: over a "
+                "patch_size window around every latent pixel, so where one LoRA takes over from another follows "
+                "the image, not the grid lines, and shapes are not cut square at patch edges.",
+                default=lc.PATCH_LAYOUTS[0],
             ),
         ),
     }

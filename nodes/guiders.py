@@ -8,9 +8,9 @@ from .common import (
     adapter_prompt_inputs,
     as_lora_stack,
     composition_inputs,
+    extension_inputs,
     loratorio_inputs,
     routing_inputs,
-    temperature_scaling_inputs,
     tip,
     with_preview,
 )
@@ -31,7 +31,7 @@ class LoRAtorioGuiderNode:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {**composition_inputs(), **loratorio_inputs()},
-            "optional": {**adapter_prompt_inputs(), **routing_inputs(), **temperature_scaling_inputs()},
+            "optional": {**adapter_prompt_inputs(), **routing_inputs(), **extension_inputs()},
         }
 
     def get_guider(self, model, positive, negative, lora_stack, cfg, **params):

@@ -9,10 +9,10 @@ from .common import (
     adapter_prompt_inputs,
     as_lora_stack,
     composition_inputs,
+    extension_inputs,
     ksampler_inputs,
     loratorio_inputs,
     routing_inputs,
-    temperature_scaling_inputs,
     with_preview,
 )
 from .guiders import tau_input
@@ -39,7 +39,7 @@ class LoRAtorioSampler:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {**composition_inputs(), **ksampler_inputs(), **loratorio_inputs()},
-            "optional": {**adapter_prompt_inputs(), **routing_inputs(), **temperature_scaling_inputs()},
+            "optional": {**adapter_prompt_inputs(), **routing_inputs(), **extension_inputs()},
         }
 
     def sample(self, model, positive, negative, lora_stack, cfg, latent_image, **values):

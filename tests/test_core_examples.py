@@ -56,6 +56,26 @@ def test_patch_cosine_hand_example():
     torch.testing.assert_close(s[0, 0, 0], torch.tensor([1 / math.sqrt(2), -1.0]))
 
 
+def test_sliding_patch_layout_routes_at_the_shape_s_edge_not_the_grid_s():
+    """Adapter 0 departs from the base right of column 6, adapter 1 left of it; 6 is inside a patch of 4."""
+    generator = torch.Generator().manual_seed(0)
+    base, shift = torch.randn(1, 4, 16, 16, generator=generator), torch.randn(1, 4, 16, 16, generator=generator)
+    right = torch.zeros(16, 16)
+    right[:, 6:] = 1.0
+    adapters = torch.stack([base + 2 * shift * right, base + 2 * shift * (1 - right)])
+    distance_to_edge = (torch.arange(16) - 5.5).abs().expand(16, 16)
+
+    def misrouted(layout: str) -> torch.Tensor:
+        weights = lc.routing_weights(adapters, base, lc.LoRAtorioParams(patch_size=4, patch_layout=layout))
+        return (weights[0, 0, 0] > 0.5) != right.bool()
+
+    assert (misrouted("grid")[:, 4:8].sum(dim=1) >= 2).all()  # the patch of columns 4 to 7 goes wholly to one side
+    assert misrouted("sliding").any() and distance_to_edge[misrouted("sliding")].max() <= 1.5  # only at the edge
+    assert misrouted("sliding").sum() < misrouted("grid").sum() / 2
+    with pytest.raises(ValueError, match="patch_layout must be one of grid, sliding"):
+        lc.LoRAtorioParams(patch_layout="overlapping")
+
+
 def test_zero_norm_patches_are_defined():
     zero = torch.zeros(1, 1, 2, 2)
     one = torch.ones(1, 1, 2, 2)

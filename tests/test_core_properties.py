@@ -116,6 +116,30 @@ def test_patch_size_one_and_whole_latent(inputs):
     torch.testing.assert_close(whole[..., 0, 0], flat, rtol=1e-4, atol=1e-5)
 
 
+@given(step_inputs())
+def test_sliding_layout_gives_every_pixel_the_cosine_of_its_window(inputs):
+    base, adapters, p = inputs
+    sliding = lc.patch_cosine_similarity(adapters, base, p, "sliding")
+    height, width = base.shape[-2:]
+    assert sliding.shape == (adapters.shape[0], base.shape[0], height, width)
+    before = p // 2
+    for y, x in {(0, 0), (height - 1, width - 1), (height // 2, width // 3)}:
+        rows = slice(max(0, y - before), y - before + p)
+        cols = slice(max(0, x - before), x - before + p)
+        window = cosine_over(adapters[..., rows, cols], base[..., rows, cols])
+        torch.testing.assert_close(sliding[..., y, x], window, rtol=1e-4, atol=1e-5)
+    per_pixel = lc.patch_cosine_similarity(adapters, base, 1)
+    torch.testing.assert_close(lc.patch_cosine_similarity(adapters, base, 1, "sliding"), per_pixel)
+    every_window_is_the_latent = lc.patch_cosine_similarity(adapters, base, 2 * max(height, width), "sliding")
+    whole = cosine_over(adapters, base)[..., None, None].expand_as(every_window_is_the_latent)
+    torch.testing.assert_close(every_window_is_the_latent, whole, rtol=1e-4, atol=1e-5)
+
+
+def cosine_over(adapters: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Cosine of each adapter's ``[C, h, w]`` block with the base's, ``[N, B]`` (no zero-norm blocks)."""
+    return torch.nn.functional.cosine_similarity(adapters.flatten(2), base.flatten(1).unsqueeze(0), dim=2, eps=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @given(inputs=step_inputs(), lam=st.floats(0.0, 1.0))
 def test_half_precision_within_tolerance_of_float64(dtype, inputs, lam):

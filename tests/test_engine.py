@@ -397,6 +397,25 @@ def test_temperature_by_lora_count_and_noise_level_routes_by_each_step_s_sigma(p
     assert "by LoRA count and noise level" in options
 
 
+def test_sliding_patch_layout_routes_every_pixel_by_its_own_window(pack, engine, tiny_model_factory, sd15_stack):
+    patcher = tiny_model_factory("sd15")
+    for node in ("LoRAtorioSampler", "LoRAtorioGuider"):
+        assert pack.NODE_CLASS_MAPPINGS[node].INPUT_TYPES()["optional"]["patch_layout"][1]["default"] == "grid"
+
+    def spread_within_patches(guider) -> float:
+        maps = guider.weight_history.maps()
+        blocks = maps.reshape(-1, 4, 4, 4, 4)  # 16x16 latent: [maps, patch row, pixel row, patch column, pixel column]
+        return float((blocks.amax(dim=(2, 4)) - blocks.amin(dim=(2, 4))).max())
+
+    for routing in ("every step", "single pass"):
+        grid = make_guider(engine, "loratorio", patcher, sd15_stack[:3], routing=routing)
+        sliding = make_guider(engine, "loratorio", patcher, sd15_stack[:3], routing=routing, patch_layout="sliding")
+        grid_samples, sliding_samples = run_sampler(engine, grid)["samples"], run_sampler(engine, sliding)["samples"]
+        assert torch.isfinite(sliding_samples).all() and not torch.allclose(grid_samples, sliding_samples, atol=1e-3)
+        assert spread_within_patches(grid) == 0.0  # one weight per patch of 4x4 pixels
+        assert spread_within_patches(sliding) > 0.05, routing  # a weight per pixel
+
+
 def comfy_nodes_noise(seed: int):
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
 
