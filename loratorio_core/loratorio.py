@@ -28,6 +28,7 @@ Defaults for what the paper leaves open (all overridable):
   that scale for the SoftMin to route at all; ``T = 1`` would be almost the plain mean, ``T -> 0``
   a hard argmin that flickers between steps. A gap of 0.05 gives a weight ratio of e.
 * ``lambda = 0.5``: the paper's value.
+* ``patch_layout = "grid"``: the paper's partition; ``"sliding"`` is an option beyond it.
 * ``top_k = 3`` and ``top_k_mode = "image"`` for the dynamic pool: see :mod:`.weights`.
   ``top_k = None`` (or any ``k >= N``) is the static method.
 """
