@@ -66,6 +66,7 @@ def loratorio_guider(
     refresh_every=lc.DEFAULT_REFRESH_EVERY,
     temperature_scaling="fixed",
     patch_layout="grid",
+    routing_memory="this step",
 ):
     if routing not in ROUTING_MODES:
         raise LoRAInputError(f"routing is {routing!r}; use one of {', '.join(ROUTING_MODES)}")
@@ -78,6 +79,7 @@ def loratorio_guider(
         top_k_mode=top_k_mode,
         temperature_scaling=temperature_scaling,
         patch_layout=patch_layout,
+        routing_memory=routing_memory,
     )
     adapters = _adapters(model, lora_stack)
     guider = LoRAtorioGuider(model, adapters, check_cfg(cfg), params, _windows(lora_stack), _regions(lora_stack), routed)

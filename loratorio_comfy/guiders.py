@@ -237,15 +237,18 @@ class LoRAtorioGuider(AdapterRowsGuider):
                 "attach masks with LoRA Region Mask, or set full_steps to 1 or more"
             )
         self.weight_history = lc.WeightMapHistory()
+        self.evidence = lc.RoutingEvidence(len(adapters))  # routing_memory "steps so far": this run's steps
         self.has_sampled = False  # a run with no step records no map, and is not an error to show
 
     def sample(self, *args, **kwargs):
         """Weight maps stay on the device while sampling runs and are filed by step at the end,
         so recording them costs no device read per step."""
         self.weight_history.clear()
+        self.evidence.clear()
         self.has_sampled = True
         self._unfiled_maps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._routing: torch.Tensor | None = None  # routed mode: the last full step's map, [B, N, H, W]
+        self._routing_over: frozenset[int] = frozenset()  # the LoRAs active when that map was made
         try:
             return super().sample(*args, **kwargs)
         finally:
@@ -270,7 +273,9 @@ class LoRAtorioGuider(AdapterRowsGuider):
         if self.routed is not None:  # routed mode reads the step anyway: windows reuse it
             step = self.step_of(timestep, model_options)
             active = self.active_at(step, model_options)
-            if not self.routed.is_full(step):
+            # a LoRA whose step window opened after the last full step is not in the map yet: a full step routes it
+            joined = self.routed.full_steps > 0 and not self._routing_over.issuperset(active)
+            if active and not self.routed.is_full(step) and not joined:  # no LoRA active: the base model's step
                 return self._routed_step(x, timestep, model_options, active)
         else:
             active = self.active_adapters(timestep, model_options)
@@ -288,11 +293,13 @@ class LoRAtorioGuider(AdapterRowsGuider):
         noise_level = None
         if self.params.needs_noise_level:
             noise_level = noise_to_signal_ratio(self.model_patcher.get_model_object("model_sampling"), timestep)
-        weights = lc.routing_weights(x.unsqueeze(0) - adapter_conds, x - base_cond, self.params, regions, noise_level)
+        weights = lc.routing_weights(
+            x.unsqueeze(0) - adapter_conds, x - base_cond, self.params, regions, noise_level, self.evidence, active
+        )
         every_adapter = weights.new_zeros(len(self.adapters), *weights.shape[1:])
         every_adapter[list(active)] = weights
         self._file_weight_map(every_adapter, timestep, model_options)
-        self._routing = lc.routing_map(every_adapter)
+        self._routing, self._routing_over = lc.routing_map(every_adapter), frozenset(active)
         if regions is None:
             cond = lc.weighted_sum(weights, adapter_conds)
         else:  # where the regions leave no adapter, the base model's prediction

@@ -20,6 +20,7 @@ from .loratorio import (
     routing_weights,
     weighted_sum,
 )
+from .memory import ROUTING_MEMORIES, RoutingEvidence, RoutingMemory, step_evidence
 from .patches import PATCH_LAYOUTS, expand_patches, patch_cosine_similarity, patch_grid
 from .regions import Region, RegionMaps, check_mask_batch, region_maps, regional_mean, resize_mask, weighted_with_base
 from .routed import (
@@ -55,6 +56,7 @@ __all__ = [
     "DEFAULT_TOP_K_MODE",
     "FULL_WINDOW",
     "PATCH_LAYOUTS",
+    "ROUTING_MEMORIES",
     "TEMPERATURE_SCALINGS",
     "TOP_K_MODES",
     "CompositeResult",
@@ -63,6 +65,8 @@ __all__ = [
     "Region",
     "RegionMaps",
     "RoutedSchedule",
+    "RoutingEvidence",
+    "RoutingMemory",
     "StepWindow",
     "SwitchSchedule",
     "TemperatureScaling",
@@ -93,6 +97,7 @@ __all__ = [
     "routing_map",
     "routing_weights",
     "softmin_weights",
+    "step_evidence",
     "step_index",
     "switch_adapter",
     "top_k_mask",

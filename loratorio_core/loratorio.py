@@ -9,7 +9,8 @@ Per step, with base predictions ``eps_0(c)``, ``eps_0(u)`` and adapter predictio
 3. ``Omega_ip = SoftMin_i(s_ip / T)`` over the kept adapters, upsampled to latent pixels (``T``
    fixed as in the paper, or divided by log2 of the adapters competing there:
    :func:`.weights.count_scaled_similarity`, and also scaled by the noise level:
-   :func:`.weights.noise_scaled_similarity`);
+   :func:`.weights.noise_scaled_similarity`; as an option, the SoftMin of every step so far:
+   :mod:`.memory`);
 4. composed cond ``c~ = sum_i Omega_i * eps_i(c)``;
 5. re-centred uncond ``u~ = lambda * eps_0(u) + (1 - lambda) * sum_i Omega_i * eps_i(u)``;
 6. guidance ``u~ + g * (c~ - u~)``.
@@ -29,6 +30,7 @@ Defaults for what the paper leaves open (all overridable):
   a hard argmin that flickers between steps. A gap of 0.05 gives a weight ratio of e.
 * ``lambda = 0.5``: the paper's value.
 * ``patch_layout = "grid"``: the paper's partition; ``"sliding"`` is an option beyond it.
+* ``routing_memory = "this step"``: the paper's; ``"steps so far"`` is an option beyond it.
 * ``top_k = 3`` and ``top_k_mode = "image"`` for the dynamic pool: see :mod:`.weights`.
   ``top_k = None`` (or any ``k >= N``) is the static method.
 """
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .memory import RoutingEvidence, RoutingMemory, check_routing_memory, remembers, step_evidence
 from .patches import PatchLayout, check_patch_layout, check_patch_size, expand_patches, patch_cosine_similarity
 from .regions import Region, region_maps, weighted_with_base
 from .tensors import check_latent, check_stack, classifier_free_guidance
@@ -52,6 +55,7 @@ from .weights import (
     check_top_k_mode,
     count_scaled_similarity,
     noise_scaled_similarity,
+    softmax_over_kept,
     softmin_over_kept,
     top_k_mask,
 )
@@ -74,10 +78,12 @@ class LoRAtorioParams:
     top_k_mode: TopKMode = DEFAULT_TOP_K_MODE
     temperature_scaling: TemperatureScaling = "fixed"
     patch_layout: PatchLayout = "grid"
+    routing_memory: RoutingMemory = "this step"
 
     def __post_init__(self) -> None:
         check_patch_size(self.patch_size)
         check_patch_layout(self.patch_layout)
+        check_routing_memory(self.routing_memory)
         check_temperature(self.temperature)
         check_temperature_scaling(self.temperature_scaling)
         if not 0.0 <= self.recentre_lambda <= 1.0:
@@ -98,6 +104,11 @@ class LoRAtorioParams:
         """Whether :func:`routing_weights` needs the step's noise-to-signal ratio."""
         return self.temperature_scaling == "by LoRA count and noise level"
 
+    @property
+    def remembers(self) -> bool:
+        """Whether :func:`routing_weights` routes on the evidence of every step so far."""
+        return remembers(self.routing_memory, self.temperature)
+
 
 def routing_weights(
     adapter_conds: Tensor,
@@ -105,11 +116,15 @@ def routing_weights(
     params: LoRAtorioParams,
     regions: Sequence[Region | None] | None = None,
     noise_level: float | None = None,
+    evidence: RoutingEvidence | None = None,
+    active: Sequence[int] | None = None,
 ) -> Tensor:
     """``Omega [N, B, 1, H, W]`` (float32) from noise-space cond predictions (steps 1 to 3), within
     the adapters' ``regions`` (see :mod:`.regions`; where they leave no adapter, Omega sums to 0).
     ``noise_level``: the step's noise-to-signal ratio, needed by ``temperature_scaling`` = ``by LoRA
-    count and noise level``."""
+    count and noise level``. ``evidence``: the run's earlier steps, for ``routing_memory`` = ``steps
+    so far`` (this step is added to it; ``active``: which of its adapters the rows are, all when
+    None); without it a step routes on its own."""
     similarity = patch_cosine_similarity(adapter_conds, base_cond, params.patch_size, params.patch_layout)
     keep = None if params.top_k is None else top_k_mask(similarity, params.top_k, params.top_k_mode)
     prior = None
@@ -124,7 +139,11 @@ def routing_weights(
         if noise_level is None:
             raise ValueError("temperature_scaling 'by LoRA count and noise level' needs the step's noise level")
         similarity = noise_scaled_similarity(similarity, noise_level)
-    weights = softmin_over_kept(similarity, params.temperature, keep, prior)  # params were checked when made
+    if evidence is not None and params.remembers:
+        so_far = evidence.add(step_evidence(similarity, params.temperature, keep), active)
+        weights = softmax_over_kept(so_far, keep, prior)
+    else:
+        weights = softmin_over_kept(similarity, params.temperature, keep, prior)  # params were checked when made
     if params.patch_layout == "grid":
         weights = expand_patches(weights, *base_cond.shape[-2:], params.patch_size)
     return weights.unsqueeze(2)

@@ -115,10 +115,18 @@ def softmin_over_kept(similarity: Tensor, temperature: float, keep: Tensor | Non
     # shifting by the lowest similarity keeps one score at 0, so a tiny T cannot
     # underflow every exponent of a position to zero
     scores = torch.zeros_like(s) if math.isinf(temperature) else -(s - lowest) / temperature
+    return softmax_over_kept(scores, keep, prior)
+
+
+def softmax_over_kept(scores: Tensor, keep: Tensor | None, prior: Tensor | None = None) -> Tensor:
+    """``softmax_i(scores_i + prior_i)`` along dim 0 over the adapters ``keep`` keeps; 0 for the others,
+    and 0 for every adapter where ``keep`` keeps none."""
     if prior is not None:
         scores = scores + prior
+    if keep is None:
+        return torch.softmax(scores, dim=0)
     # a position that keeps no adapter is all -inf: softmax gives NaN there, which becomes 0
-    return torch.softmax(scores.masked_fill(~keep, -math.inf), dim=0).nan_to_num(0.0)
+    return torch.softmax(scores.masked_fill(~keep.expand_as(scores), -math.inf), dim=0).nan_to_num(0.0)
 
 
 def top_k_mask(similarity: Tensor, k: int, mode: TopKMode = "image") -> Tensor:

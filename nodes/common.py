@@ -132,7 +132,7 @@ def loratorio_inputs() -> dict[str, tuple]:
 
 def extension_inputs() -> dict[str, tuple]:
     """LoRAtorio's options beyond the paper: optional inputs, so workflows saved without them keep
-    loading (as the paper: "fixed", "grid")."""
+    loading (as the paper: "fixed", "grid", "this step")."""
     return {
         "temperature_scaling": (
             list(lc.TEMPERATURE_SCALINGS),
@@ -151,6 +151,15 @@ def extension_inputs() -> dict[str, tuple]:
                 "patch_size window around every latent pixel, so where one LoRA takes over from another follows "
                 "the image, not the grid lines, and shapes are not cut square at patch edges.",
                 default=lc.PATCH_LAYOUTS[0],
+            ),
+        ),
+        "routing_memory": (
+            list(lc.ROUTING_MEMORIES),
+            tip(
+                "this step: each step routes on its own similarities (the paper). steps so far: on the evidence of "
+                "every step so far (each step's SoftMin multiplied in), so a LoRA's claim on a region has to hold up "
+                "over the steps and does not flip from pixel to pixel late in the run.",
+                default=lc.ROUTING_MEMORIES[0],
             ),
         ),
     }

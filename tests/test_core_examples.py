@@ -76,6 +76,56 @@ def test_sliding_patch_layout_routes_at_the_shape_s_edge_not_the_grid_s():
         lc.LoRAtorioParams(patch_layout="overlapping")
 
 
+def test_routing_memory_keeps_a_claim_that_held_over_the_steps():
+    """One patch, three LoRAs. Step 1: LoRA 0 departs most; step 2: LoRA 1 departs a little more than 0.
+    The paper routes step 2 to LoRA 1; with memory LoRA 0 keeps it, by SoftMin_1 * SoftMin_2."""
+    at = lambda *cosines: torch.tensor(cosines).reshape(3, 1, 1, 1)  # noqa: E731
+    steps = [at(0.2, 0.8, 0.9), at(0.55, 0.5, 0.9)]
+    params = lc.LoRAtorioParams(patch_size=1, temperature=0.1, routing_memory="steps so far")
+
+    def adapters(cosines: torch.Tensor) -> torch.Tensor:  # unit predictions at those cosines to the base
+        return torch.stack([cosines, (1 - cosines**2).sqrt()], dim=2).reshape(3, 1, 2, 1, 1)
+
+    base = torch.tensor([1.0, 0.0]).reshape(1, 2, 1, 1)
+    evidence = lc.RoutingEvidence(3)
+    first, second = (lc.routing_weights(adapters(s), base, params, evidence=evidence) for s in steps)
+    softmin = [lc.softmin_weights(s, 0.1) for s in steps]
+    torch.testing.assert_close(first[:, :, 0], softmin[0], rtol=1e-5, atol=1e-6)  # the first step is the paper's
+    product = softmin[0] * softmin[1]
+    torch.testing.assert_close(second[:, :, 0], product / product.sum(), rtol=1e-4, atol=1e-6)
+    assert second.flatten().argmax() == 0 and softmin[1].flatten().argmax() == 1
+    this_step = lc.LoRAtorioParams(patch_size=1, temperature=0.1)
+    torch.testing.assert_close(lc.routing_weights(adapters(steps[1]), base, this_step, evidence=evidence)[:, :, 0], softmin[1])
+    hard = lc.LoRAtorioParams(patch_size=1, temperature=0.0, routing_memory="steps so far")  # an argmin has no memory
+    assert lc.routing_weights(adapters(steps[1]), base, hard, evidence=evidence)[:, 0, 0, 0, 0].tolist() == [0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="routing_memory must be one of this step, steps so far"):
+        lc.LoRAtorioParams(routing_memory="always")
+
+
+def test_routing_memory_starts_a_late_lora_from_the_average_claim_and_adds_a_prior_once():
+    generator = torch.Generator().manual_seed(3)
+    base, adapters = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(3, 1, 4, 8, 8, generator=generator)
+    params = lc.LoRAtorioParams(patch_size=4, temperature=0.05, routing_memory="steps so far")
+    paper = lc.LoRAtorioParams(patch_size=4, temperature=0.05)
+    # step 1: LoRAs 0 and 1 alike (no evidence between them); step 2: LoRA 2 joins
+    evidence = lc.RoutingEvidence(3)
+    lc.routing_weights(torch.stack([adapters[0], adapters[0]]), base, params, evidence=evidence, active=[0, 1])
+    joined = lc.routing_weights(adapters, base, params, evidence=evidence, active=[0, 1, 2])
+    torch.testing.assert_close(joined, lc.routing_weights(adapters, base, paper), rtol=1e-5, atol=1e-6)
+    # a soft region's prior is added once, however many steps add evidence
+    left = torch.zeros(8, 8)
+    left[:, :4] = 1.0
+    regions = [lc.Region(left, hard=False, strength=2.0), None, None]
+    same = torch.stack([adapters[0]] * 3)
+    evidence = lc.RoutingEvidence(3)
+    for _ in range(4):
+        remembered = lc.routing_weights(same, base, params, regions, evidence=evidence)
+    torch.testing.assert_close(remembered, lc.routing_weights(same, base, paper, regions), rtol=1e-5, atol=1e-6)
+    assert bool((remembered[0, ..., :4] > remembered[1, ..., :4]).all())
+    with pytest.raises(ValueError, match="evidence holds 3 adapters' rows for 2 active adapters"):
+        lc.routing_weights(adapters, base, params, evidence=evidence, active=[0, 2])
+
+
 def test_zero_norm_patches_are_defined():
     zero = torch.zeros(1, 1, 2, 2)
     one = torch.ones(1, 1, 2, 2)

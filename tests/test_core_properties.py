@@ -135,6 +135,23 @@ def test_sliding_layout_gives_every_pixel_the_cosine_of_its_window(inputs):
     torch.testing.assert_close(every_window_is_the_latent, whole, rtol=1e-4, atol=1e-5)
 
 
+# T >= 0.05 keeps every step's weights above float32's underflow (cosine gaps <= 2, so exp(-40) at worst)
+@given(step_inputs(), st.integers(2, 4), st.floats(0.05, 2.0), st.sampled_from(lc.PATCH_LAYOUTS))
+def test_routing_memory_is_the_normalised_product_of_every_step_s_softmin(inputs, steps, temperature, layout):
+    base, first, p = inputs
+    g = torch.Generator().manual_seed(steps)
+    step_adapters = [first] + [first + torch.randn(first.shape, generator=g) for _ in range(steps - 1)]
+    params = lc.LoRAtorioParams(patch_size=p, temperature=temperature, patch_layout=layout, routing_memory="steps so far")
+    paper = lc.LoRAtorioParams(patch_size=p, temperature=temperature, patch_layout=layout)
+    evidence = lc.RoutingEvidence(first.shape[0])
+    product = torch.ones(())
+    for adapters in step_adapters:
+        remembered = lc.routing_weights(adapters, base, params, evidence=evidence)
+        product = product * lc.routing_weights(adapters, base, paper).double()
+        torch.testing.assert_close(remembered.sum(0), torch.ones_like(remembered[0]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(remembered.double(), product / product.sum(dim=0, keepdim=True), rtol=1e-3, atol=1e-4)
+
+
 def cosine_over(adapters: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """Cosine of each adapter's ``[C, h, w]`` block with the base's, ``[N, B]`` (no zero-norm blocks)."""
     return torch.nn.functional.cosine_similarity(adapters.flatten(2), base.flatten(1).unsqueeze(0), dim=2, eps=0)

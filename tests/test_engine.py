@@ -416,6 +416,24 @@ def test_sliding_patch_layout_routes_every_pixel_by_its_own_window(pack, engine,
         assert spread_within_patches(sliding) > 0.05, routing  # a weight per pixel
 
 
+def test_routing_memory_starts_as_the_paper_then_routes_on_every_step_so_far(pack, engine, tiny_model_factory, sd15_stack):
+    patcher = tiny_model_factory("sd15")
+    for node in ("LoRAtorioSampler", "LoRAtorioGuider"):
+        assert pack.NODE_CLASS_MAPPINGS[node].INPUT_TYPES()["optional"]["routing_memory"][1]["default"] == "this step"
+    (late_third,) = pack.NODE_CLASS_MAPPINGS["LoRAtorioStepWindow"]().set_window(sd15_stack[:3], 3, 0.5, 1.0)
+    for routing in ("every step", "single pass"):
+        paper = make_guider(engine, "loratorio", patcher, late_third, routing=routing)
+        memory = make_guider(engine, "loratorio", patcher, late_third, routing=routing, routing_memory="steps so far")
+        paper_samples, memory_samples = run_sampler(engine, paper)["samples"], run_sampler(engine, memory)["samples"]
+        assert torch.isfinite(memory_samples).all() and not torch.allclose(paper_samples, memory_samples, atol=1e-3)
+        paper_maps, memory_maps = paper.weight_history.maps(), memory.weight_history.maps()
+        torch.testing.assert_close(memory_maps[0], paper_maps[0])  # nothing to remember at the first step
+        torch.testing.assert_close(memory_maps.sum(dim=1), torch.ones_like(memory_maps[:, 0]))
+        assert memory_maps[:, 2].amax() > 0.05, routing  # the LoRA that joined half-way gets its share
+        again = run_sampler(engine, memory)["samples"]  # a new run starts with no evidence
+        torch.testing.assert_close(again, memory_samples, rtol=0, atol=0)
+
+
 def comfy_nodes_noise(seed: int):
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
 

@@ -162,6 +162,24 @@ def test_single_pass_runs_two_rows_on_routed_steps(engine, tiny_model_factory, s
     assert not torch.allclose(out, every_step, atol=1e-4)
 
 
+def test_single_pass_routes_a_lora_whose_window_opens_after_the_full_steps(engine, pack, tiny_model_factory, stack):
+    """STEPS = 3, one full step: LoRA 3 joins at step 2 (window from 0.5), so step 2 is a full step that maps it;
+    a LoRA whose window holds no full step is never absent from the map it is routed by."""
+    patcher = tiny_model_factory("sd15")
+    (late,) = pack.NODE_CLASS_MAPPINGS["LoRAtorioStepWindow"]().set_window(stack, 3, 0.5, 1.0)
+    guider = make_guider(engine, "loratorio", patcher, late, routing="single pass", full_steps=1, refresh_every=0)
+    with ForwardCounter(patcher) as counter:
+        out = run_sampler(engine, guider)["samples"]
+    assert counter.rows == [2 + 2 * 2, 2, 2 + 2 * 3] and torch.isfinite(out).all()
+    maps = guider.weight_history.maps()
+    assert maps[2, 2].amax() > 0.05 and not maps[:2, 2].any()
+    (only_late,) = pack.NODE_CLASS_MAPPINGS["LoRAtorioStepWindow"]().set_window(stack[:1], 1, 0.5, 1.0)
+    guider = make_guider(engine, "loratorio", patcher, only_late, routing="single pass", full_steps=1, refresh_every=0)
+    with ForwardCounter(patcher) as counter:
+        run_sampler(engine, guider)  # no LoRA at the full step: it waits for the LoRA instead of failing
+    assert counter.rows == [2, 2, 2 + 2]
+
+
 def test_single_pass_with_only_full_steps_is_loratorio(engine, tiny_model_factory, stack):
     patcher = tiny_model_factory("sd15")
     all_full = make_guider(engine, "loratorio", patcher, stack, routing="single pass", full_steps=STEPS)
