@@ -20,7 +20,7 @@ from .loratorio import (
     routing_weights,
     weighted_sum,
 )
-from .memory import ROUTING_MEMORIES, RoutingEvidence, RoutingMemory, step_evidence
+from .memory import MEMORY_NOISE_FLOOR, ROUTING_MEMORIES, RoutingEvidence, RoutingMemory, step_evidence
 from .patches import PATCH_LAYOUTS, expand_patches, patch_cosine_similarity, patch_grid
 from .regions import Region, RegionMaps, check_mask_batch, region_maps, regional_mean, resize_mask, weighted_with_base
 from .routed import (
@@ -55,6 +55,7 @@ __all__ = [
     "DEFAULT_TOP_K",
     "DEFAULT_TOP_K_MODE",
     "FULL_WINDOW",
+    "MEMORY_NOISE_FLOOR",
     "PATCH_LAYOUTS",
     "ROUTING_MEMORIES",
     "TEMPERATURE_SCALINGS",

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .memory import RoutingEvidence, RoutingMemory, check_routing_memory, remembers, step_evidence
+from .memory import MEMORY_NOISE_FLOOR, RoutingEvidence, RoutingMemory, check_routing_memory, remembers, step_evidence
 from .patches import PatchLayout, check_patch_layout, check_patch_size, expand_patches, patch_cosine_similarity
 from .regions import Region, region_maps, weighted_with_base
 from .tensors import check_latent, check_stack, classifier_free_guidance
@@ -133,13 +133,14 @@ def routing_weights(
         maps = region_maps(regions, batch, rows, cols, similarity.device)
         keep = maps.allowed if keep is None else keep & maps.allowed
         prior = maps.prior
+    remembered = evidence is not None and params.remembers
     if params.temperature_scaling != "fixed":
         similarity = count_scaled_similarity(similarity, keep)
     if params.needs_noise_level:
         if noise_level is None:
             raise ValueError("temperature_scaling 'by LoRA count and noise level' needs the step's noise level")
-        similarity = noise_scaled_similarity(similarity, noise_level)
-    if evidence is not None and params.remembers:
+        similarity = noise_scaled_similarity(similarity, noise_level, MEMORY_NOISE_FLOOR if remembered else 0.0)
+    if remembered:
         so_far = evidence.add(step_evidence(similarity, params.temperature, keep), active)
         weights = softmax_over_kept(so_far, keep, prior)
     else:

@@ -54,9 +54,9 @@ def count_scaled_similarity(similarity: Tensor, keep: Tensor | None = None) -> T
     return s * competing.to(SIMILARITY_DTYPE).clamp_min(2.0).log2()
 
 
-def noise_scaled_similarity(similarity: Tensor, noise_level: float) -> Tensor:
-    """``s / r**3`` for the step's noise-to-signal ratio ``r``: a SoftMin at ``T`` of the result is one
-    at ``T * r**3`` of ``s``.
+def noise_scaled_similarity(similarity: Tensor, noise_level: float, floor: float = 0.0) -> Tensor:
+    """``s / r**3`` for the step's noise-to-signal ratio ``r`` (at least ``floor``): a SoftMin at ``T``
+    of the result is one at ``T * r**3`` of ``s``.
 
     The adapters' cosines to the base spread little at high noise (about 0.0006 at ``r = 14.6`` on
     SD1.5) and widely at low noise (about 0.47 at ``r <= 0.3``), so no fixed ``T`` suits both ends.
@@ -66,7 +66,7 @@ def noise_scaled_similarity(similarity: Tensor, noise_level: float) -> Tensor:
     """
     if math.isnan(noise_level) or noise_level < 0:
         raise ValueError(f"the noise level must be a number >= 0, got {noise_level!r}")
-    ratio = min(max(noise_level, 1e-3), 1e3)  # r**3 stays finite in float32 and s / r**3 does not vanish
+    ratio = min(max(noise_level, floor, 1e-3), 1e3)  # r**3 stays finite in float32 and s / r**3 does not vanish
     return similarity.to(SIMILARITY_DTYPE) / ratio**NOISE_TEMPERATURE_POWER
 
 

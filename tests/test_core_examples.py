@@ -126,6 +126,24 @@ def test_routing_memory_starts_a_late_lora_from_the_average_claim_and_adds_a_pri
         lc.routing_weights(adapters, base, params, evidence=evidence, active=[0, 2])
 
 
+def test_routing_memory_stops_hardening_the_noise_level_temperature_once_the_image_has_formed():
+    """With memory the noise-to-signal ratio is floored at MEMORY_NOISE_FLOOR, so the last steps' evidence
+    cannot outweigh every earlier step's by 1 / r^3; without memory the rule is T * r^3 all the way down."""
+    generator = torch.Generator().manual_seed(4)
+    base, adapters = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(3, 1, 4, 8, 8, generator=generator)
+    scaling = "by LoRA count and noise level"
+    memory = lc.LoRAtorioParams(patch_size=4, temperature_scaling=scaling, routing_memory="steps so far")
+    paper = lc.LoRAtorioParams(patch_size=4, temperature_scaling=scaling)
+
+    def first_step(params: lc.LoRAtorioParams, ratio: float) -> torch.Tensor:
+        return lc.routing_weights(adapters, base, params, noise_level=ratio, evidence=lc.RoutingEvidence(3))
+
+    floor = lc.MEMORY_NOISE_FLOOR
+    torch.testing.assert_close(first_step(memory, 0.03), first_step(paper, floor))
+    torch.testing.assert_close(first_step(memory, 2.0), first_step(paper, 2.0))
+    assert not torch.allclose(first_step(paper, 0.03), first_step(paper, floor), atol=1e-3)
+
+
 def test_zero_norm_patches_are_defined():
     zero = torch.zeros(1, 1, 2, 2)
     one = torch.ones(1, 1, 2, 2)
