@@ -158,7 +158,7 @@ def extension_inputs() -> dict[str, tuple]:
             tip(
                 "this step: each step routes on its own similarities (the paper). steps so far: on the evidence of "
                 "every step so far (each step's SoftMin multiplied in), so a LoRA's claim on a region has to hold up "
-                "over the steps and does not flip from pixel to pixel late in the run.",
+                "over the steps and does not flip from step to step late in the run.",
                 default=lc.ROUTING_MEMORIES[0],
             ),
         ),
