@@ -32,7 +32,21 @@ sys.path.append(str(PACK_DIR / "tools"))
 from comfy.cli_args import args  # noqa: E402
 from host_env import load_pack  # noqa: E402
 
-args.cpu = True  # before comfy.model_management is first imported
+# The suite runs on the CPU; ``LORATORIO_TEST_DEVICE=gpu`` runs it on ComfyUI's GPU instead (a device check),
+# with ComfyUI's dynamic VRAM started as its ``main.py`` starts it where the release has one.
+TEST_DEVICE = os.environ.get("LORATORIO_TEST_DEVICE", "cpu")
+if TEST_DEVICE not in ("cpu", "gpu"):
+    raise pytest.UsageError(f"LORATORIO_TEST_DEVICE is {TEST_DEVICE!r}; use cpu (the default) or gpu")
+args.cpu = TEST_DEVICE == "cpu"  # before comfy.model_management is first imported
+if TEST_DEVICE == "gpu":
+    import torch
+
+    from support import dynamic_vram
+
+    dynamic_vram.start()
+    # the tests compare float32 results to about 1e-5: no TF32 where ComfyUI leaves the choice to torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 @pytest.fixture(scope="session")

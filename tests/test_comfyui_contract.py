@@ -22,7 +22,7 @@ import torch
 
 from support.engine_helpers import assert_no_hooks_left, make_guider, run_sampler
 from support.lora_files import write_lora
-from support.tiny_models import build_model, conditioning, latent
+from support.tiny_models import build_model, conditioning, latent, timesteps
 
 # keywords ComfyUI added to the wrapper calls after 0.3.75, and one no release has yet
 PREPARE_SAMPLING_KEYWORDS = {"force_full_load": True, "force_offload": False, "a_future_option": 1}
@@ -81,7 +81,7 @@ def test_apply_model_wrapper_accepts_newer_keywords(engine, tiny_model_factory, 
         )
         with torch.no_grad():
             out = executor.execute(
-                latent("sd15", batch=2), torch.tensor([5.0, 5.0]), None, kwargs["c_crossattn"], None, options, **extra
+                latent("sd15", batch=2), timesteps(5.0, 5.0), None, kwargs["c_crossattn"], None, options, **extra
             )
     assert out.shape[0] == 2 and seen == extra
     assert_no_hooks_left(patcher)
@@ -143,7 +143,7 @@ def test_multi_gpu_clone_rows_carry_their_adapters(engine, tiny_model_factory, s
     clone_model = build_model("sd15", seed=0).model  # another model with the same weights, as a multi-GPU clone is
     guider = make_guider(engine, "composite", patcher, sd15_loras)
     kwargs = {k: v.repeat(2, *([1] * (v.ndim - 1))) for k, v in conditioning("sd15").items()}
-    x, t = latent("sd15").repeat(2, 1, 1, 1), torch.tensor([5.0, 5.0])
+    x, t = latent("sd15").repeat(2, 1, 1, 1), timesteps(5.0, 5.0)
     outputs = []
     with engine.row_lora.row_layers_registered(guider.adapters.row_layers) as run_id:
         plan = {"run": run_id, "rows": (-1, 0), "kinds": (0, 0)}

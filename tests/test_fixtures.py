@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from support.lora_files import KEY_STYLES, write_lora
-from support.tiny_models import FAMILIES, build_model, conditioning, latent
+from support.tiny_models import FAMILIES, build_model, conditioning, latent, timesteps
 
 MODEL_CLASSES = {
     "sd15": comfy.model_base.BaseModel,
@@ -24,7 +24,7 @@ MODEL_CLASSES = {
 
 def predict(patcher, family: str) -> torch.Tensor:
     with torch.no_grad():
-        return patcher.model.apply_model(latent(family), torch.tensor([2.0]), **conditioning(family))
+        return patcher.model.apply_model(latent(family), timesteps(2.0), **conditioning(family))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

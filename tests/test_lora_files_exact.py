@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 
 from support.engine_helpers import merged_prediction
-from support.tiny_models import conditioning, latent
+from support.tiny_models import conditioning, latent, timesteps
 
 
 def adapter_row_prediction(engine, patcher, family: str, name: str, strength: float) -> torch.Tensor:
@@ -27,9 +27,7 @@ def adapter_row_prediction(engine, patcher, family: str, name: str, strength: fl
             comfy.patcher_extension.WrappersMP.APPLY_MODEL, "loratorio", engine.row_lora.apply_model_with_rows, options
         )
         with torch.no_grad():
-            return patcher.model.apply_model(
-                latent(family), torch.tensor([2.0]), transformer_options=options, **conditioning(family)
-            )
+            return patcher.model.apply_model(latent(family), timesteps(2.0), transformer_options=options, **conditioning(family))
 
 
 def diffusers_lora(model, layers: dict[str, str], seed: int) -> dict[str, torch.Tensor]:
@@ -69,7 +67,7 @@ def test_conversion_function_layers_equal_lora_loader(engine, family, tiny_model
         patcher, family, comfy.utils.load_torch_file(str(loras_folder / f"converted-{family}.safetensors")), 0.9
     )
     with torch.no_grad():
-        plain = patcher.model.apply_model(latent(family), torch.tensor([2.0]), **conditioning(family))
+        plain = patcher.model.apply_model(latent(family), timesteps(2.0), **conditioning(family))
     assert not torch.allclose(expected, plain, atol=1e-3)
     got = adapter_row_prediction(engine, patcher, family, f"converted-{family}.safetensors", 0.9)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from support.lora_files import write_lora
-from support.tiny_models import conditioning, latent
+from support.tiny_models import conditioning, latent, timesteps
 
 
 def predict(patcher) -> torch.Tensor:
     comfy.model_management.load_models_gpu([patcher])
     with torch.no_grad():
-        out = patcher.model.apply_model(latent("sd15"), torch.tensor([2.0]), **conditioning("sd15"))
+        out = patcher.model.apply_model(latent("sd15"), timesteps(2.0), **conditioning("sd15"))
     comfy.model_management.unload_all_models()
     return out
 

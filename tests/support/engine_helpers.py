@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny_models import conditioning, latent
+from .tiny_models import conditioning, latent, timesteps
 
 STEPS = 3
 
@@ -81,7 +81,7 @@ def merged_prediction(patcher, family: str, lora: dict, strength: float) -> torc
     merged, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0.0)
     comfy.model_management.load_models_gpu([merged])
     with torch.no_grad():
-        out = merged.model.apply_model(latent(family), torch.tensor([2.0]), **conditioning(family))
+        out = merged.model.apply_model(latent(family), timesteps(2.0), **conditioning(family))
     comfy.model_management.unload_all_models()
     return out
 
@@ -109,6 +109,6 @@ def row_predictions(engine, patcher, family: str, adapters, row_map: tuple[int, 
         kwargs = {k: v.repeat(rows, *([1] * (v.ndim - 1))) for k, v in conditioning(family).items()}
         x = latent(family).repeat(rows, 1, 1, 1)
         with torch.no_grad():
-            out = patcher.model.apply_model(x, torch.tensor([2.0] * rows), transformer_options=options, **kwargs)
+            out = patcher.model.apply_model(x, timesteps(*[2.0] * rows), transformer_options=options, **kwargs)
     assert_no_hooks_left(patcher)
     return list(out.chunk(rows))

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import comfy.ldm.flux.model
+import comfy.model_base
+import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
 import comfy.sd1_clip
@@ -154,19 +156,51 @@ def fill_seeded(module: torch.nn.Module, seed: int) -> None:
             param.copy_(values.to(param.dtype))
 
 
+def eagerly_built(model_config) -> comfy.model_base.BaseModel:
+    """``model_config.get_model({})`` with every weight allocated now. Under newer ComfyUI's dynamic
+    VRAM, layers allocate their weights only when a state dict is loaded; these models are filled in
+    place instead."""
+    try:
+        import comfy.memory_management as memory
+    except ImportError:  # ComfyUI before dynamic VRAM
+        return model_config.get_model({})
+    lazy = getattr(memory, "aimdo_enabled", False)
+    memory.aimdo_enabled = False
+    try:
+        return model_config.get_model({})
+    finally:
+        memory.aimdo_enabled = lazy
+
+
 def build_model(family: str, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
-    """A real, seeded ComfyUI model of ``family`` on the CPU in float32, in a ModelPatcher."""
+    """A real, seeded ComfyUI model of ``family`` in float32, in a ModelPatcher that loads it on ComfyUI's
+    device (the CPU unless the tests run on the GPU)."""
     spec = FAMILY_SPECS[family]
     model_config = spec.model_class(dict(spec.unet_config))
     model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({})
+    model = eagerly_built(model_config)
     fill_seeded(model.diffusion_model, seed)
     model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    return comfy.model_patcher.ModelPatcher(
+        model,
+        load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
+
+
+def device() -> torch.device:
+    """Where the tests' models run: ComfyUI's device (the CPU unless ``LORATORIO_TEST_DEVICE=gpu``)."""
+    return comfy.model_management.get_torch_device()
+
+
+def timesteps(*values: float) -> torch.Tensor:
+    """A timestep per row for a direct ``BaseModel.apply_model`` call, on the models' device."""
+    return torch.tensor(values, device=device())
 
 
 def conditioning(family: str, batch: int = 1, tokens: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Keyword arguments for ``BaseModel.apply_model``: a random prompt embedding (and pooled/y)."""
+    """Keyword arguments for ``BaseModel.apply_model``: a random prompt embedding (and pooled/y), on the
+    models' device."""
     spec = FAMILY_SPECS[family]
     generator = torch.Generator().manual_seed(seed)
     kwargs: dict[str, torch.Tensor] = {"c_crossattn": torch.randn(batch, tokens, spec.context_dim, generator=generator)}
@@ -176,12 +210,12 @@ def conditioning(family: str, batch: int = 1, tokens: int = 7, seed: int = 1) ->
         kwargs["y"] = torch.randn(batch, spec.pooled_dim, generator=generator)
     if family == "flux":
         kwargs["guidance"] = torch.full((batch,), 3.5)
-    return kwargs
+    return {key: value.to(device()) for key, value in kwargs.items()}
 
 
 def latent(family: str, batch: int = 1, size: int = 16, seed: int = 2) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, FAMILY_SPECS[family].latent_channels, size, size, generator=generator)
+    return torch.randn(batch, FAMILY_SPECS[family].latent_channels, size, size, generator=generator).to(device())
 
 
 TINY_CLIP_L_CONFIG = {
