@@ -33,13 +33,15 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 
 from .adapters import LowRankFactor
 from .cross_attention_routing import cross_attention_routers
-from .token_routing import RoutedCall, conv_weights, token_grids, token_weights
+from .device_index import device_index
+from .token_routing import RoutedCall, conv_gate, token_gate, token_grids
 
 LOG = logging.getLogger("comfyui-loratorio")
 ROW_MAP_KEY = "loratorio_row_map"
@@ -120,10 +122,11 @@ class LayerDeltas:
             members = [(j, slot[adapter]) for j, adapter in enumerate(group.adapters) if adapter in slot]
             if not members:
                 continue
-            stacked = torch.tensor([j for j, _ in members], device=x.device)
-            hidden = torch.einsum("...c,mrc->m...r", x, group.down.index_select(0, stacked))
-            delta = torch.einsum("m...r,msr->m...s", hidden, group.up.index_select(0, stacked))
-            outputs[[s for _, s in members], ..., group.start : group.start + group.size] += delta
+            stacked = device_index(tuple(j for j, _ in members), x.device)
+            slots = device_index(tuple(s for _, s in members), x.device)
+            hidden = torch.einsum("...c,mrc->m...r", x, group.down[stacked])
+            delta = torch.einsum("m...r,msr->m...s", hidden, group.up[stacked])
+            outputs[slots, ..., group.start : group.start + group.size] += delta
         for adapter, dense in self.dense.items():
             if adapter in slot:
                 outputs[slot[adapter]] += dense.linear(x)
@@ -168,14 +171,23 @@ def _cast(tensor: torch.Tensor | None, device: torch.device, dtype: torch.dtype)
     return None if tensor is None else tensor.to(device, dtype)
 
 
+class RowSegment(NamedTuple):
+    """A run of consecutive rows ``start:stop`` that a :class:`LowRankGroup` serves. ``index`` picks
+    each row's factors from the group's stacks: a slice when the run holds the group's adapters in
+    stack order (the stacks are viewed, not gathered). ``shared``: every row of the run carries the
+    same adapter (``index`` is its one-adapter slice), so one product serves all their tokens."""
+
+    start: int
+    stop: int
+    index: slice | torch.Tensor
+    shared: bool
+
+
 @dataclass(frozen=True)
 class GroupRows:
-    """The rows of one forward that a :class:`LowRankGroup` serves: ``segments`` are runs of
-    consecutive such rows, ``(start, stop, index)``, where ``index`` picks each row's factors from
-    the group's stacks (a slice when the run holds the group's adapters in stack order, so the
-    stacks are viewed rather than gathered)."""
+    """The rows of one forward that a :class:`LowRankGroup` serves, as runs of consecutive rows."""
 
-    segments: tuple[tuple[int, int, slice | torch.Tensor], ...]
+    segments: tuple[RowSegment, ...]
 
 
 class RowPlan:
@@ -203,19 +215,17 @@ class RowPlan:
         served = [i for i, adapter in enumerate(self.rows) if adapter in position]
         segments = []
         for start, stop, _ in runs_of(served):
-            positions = [position[self.rows[i]] for i in range(start, stop)]
-            if positions == list(range(positions[0], positions[0] + len(positions))):
-                index: slice | torch.Tensor = slice(positions[0], positions[0] + len(positions))
-            else:
-                index = torch.tensor(positions, dtype=torch.long).to(self.device)
-            segments.append((start, stop, index))
+            positions = tuple(position[self.rows[i]] for i in range(start, stop))
+            shared = len(set(positions)) == 1
+            index = device_index(positions[:1] if shared else positions, self.device)
+            segments.append(RowSegment(start, stop, index, shared))
         return GroupRows(tuple(segments))
 
     def members(self, adapter: int) -> torch.Tensor | None:
         """The indices (on the device) of the rows carrying ``adapter``, or None when none does."""
         if adapter not in self._members:
             rows = [i for i, a in enumerate(self.rows) if a == adapter]
-            self._members[adapter] = torch.tensor(rows, dtype=torch.long).to(self.device) if rows else None
+            self._members[adapter] = torch.tensor(rows, dtype=torch.long).to(self.device) if rows else None  # once per plan
         return self._members[adapter]
 
 
@@ -340,17 +350,20 @@ class RowLoRAHook:
             channels = slice(group.start, group.start + group.size)
             if self.conv and x.ndim == 4:
                 hidden = self.conv_nd(x, group.joined_down, **self.conv_args)
-                hidden = hidden * conv_weights(call, hidden.shape, group.adapters).to(x.dtype).repeat_interleave(rank, dim=1)
+                hidden = hidden * conv_gate(call, hidden.shape, group.adapters, x.dtype, rank)
                 output[:, channels].add_(torch.einsum("bkhw,ok->bohw", hidden, group.joined_up).to(output.dtype))
             elif not self.conv:
-                weights = token_weights(call, self.name, x, group.adapters).to(x.dtype).repeat_interleave(rank, dim=-1)
-                output[..., channels].add_(((x @ group.joined_down.T) * weights @ group.joined_up.T).to(output.dtype))
+                gate = token_gate(call, self.name, x, group.adapters, rank)
+                output[..., channels].add_(((x @ group.joined_down.T) * gate @ group.joined_up.T).to(output.dtype))
             else:
                 raise RuntimeError(f"comfyui-loratorio: routed rows do not support the {x.ndim - 2}-d convolution {self.name}")
         for adapter, delta in layer.dense.items():
             added = self._dense(x, delta, output.shape)
-            weights = conv_weights(call, added.shape, (adapter,)) if self.conv else token_weights(call, self.name, x, (adapter,))
-            output.add_((added * weights.to(added.dtype)).to(output.dtype))
+            if self.conv:
+                gate = conv_gate(call, added.shape, (adapter,), added.dtype)
+            else:
+                gate = token_gate(call, self.name, x, (adapter,)).to(added.dtype)
+            output.add_((added * gate).to(output.dtype))
 
     def _dense(self, x: torch.Tensor, delta: DenseDelta, out_shape: torch.Size) -> torch.Tensor:
         if not self.conv:
@@ -363,10 +376,14 @@ class RowLoRAHook:
         """``output[rows, slice] += f(x[rows]; up @ down)`` per run of rows, accumulated in place."""
         channels = slice(group.start, group.start + group.size)
         whole_output = group.size == output.shape[1 if self.conv else -1]
-        for start, stop, index in rows.segments:
+        for start, stop, index, shared in rows.segments:
             down, up = group.down[index], group.up[index]
             x_rows, out_rows = x[start:stop], output[start:stop]
-            count = stop - start
+            count = 1 if shared else stop - start  # one adapter on every row: one product over all of them
+            if self.conv and shared:
+                hidden = self.conv_nd(x_rows, down[0], **self.conv_args)
+                out_rows[:, channels].add_(torch.einsum("br...,or->bo...", hidden, up[0]).to(output.dtype))
+                continue
             if self.conv:
                 hidden = self.conv_nd(
                     x_rows.reshape(1, count * x_rows.shape[1], *x_rows.shape[2:]),

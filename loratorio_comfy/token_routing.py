@@ -19,10 +19,13 @@ image: a DiT's text keys and values in a routed row are the weighted blend of th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+
+from .device_index import device_index
 
 TEXT_STREAM_MARKERS = ("attn2.to_k", "attn2.to_v", "txt", "context_block", "context_embedder")
 
@@ -30,22 +33,31 @@ TEXT_STREAM_MARKERS = ("attn2.to_k", "attn2.to_v", "txt", "context_block", "cont
 @dataclass
 class RoutedCall:
     """The routing of one model call: ``weights [R, N, H, W]`` for its ``R`` routed rows at the
-    latent's size, the image-token grids the model may use, and resized copies made during the call."""
+    latent's size, the image-token grids the model may use, and what the call's layers derive from
+    them (resized maps, gates), made once per call and shared by the layers at one resolution. A
+    warm call copies nothing from the host to a GPU; it reads back which adapters are active, once."""
 
     weights: torch.Tensor
     grids: tuple[tuple[int, int], ...]
     joint_grid: tuple[int, int] | None  # DiTs: the one grid whose tokens may follow text tokens
-    _resized: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    _derived: dict[tuple, torch.Tensor] = field(default_factory=dict)
     _active: tuple[int, ...] | None = None
 
-    def on_grid(self, height: int, width: int) -> torch.Tensor:
-        """``[R, N, height, width]`` by area averaging (cached for the call)."""
-        cached = self._resized.get((height, width))
-        if cached is None:
-            source = self.weights
-            cached = source if source.shape[-2:] == (height, width) else F.interpolate(source, size=(height, width), mode="area")
-            self._resized[(height, width)] = cached
-        return cached
+    def derived(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``make()``, once per call and ``key``."""
+        value = self._derived.get(key)
+        if value is None:
+            value = self._derived[key] = make()
+        return value
+
+    def on_grid(self, height: int, width: int, adapters: tuple[int, ...]) -> torch.Tensor:
+        """``[R, n, height, width]`` for ``adapters``, by area averaging."""
+
+        def resized() -> torch.Tensor:
+            source = self.weights[:, device_index(adapters, self.weights.device)]
+            return source if source.shape[-2:] == (height, width) else F.interpolate(source, size=(height, width), mode="area")
+
+        return self.derived(("grid", height, width, adapters), resized)
 
     def active(self) -> tuple[int, ...]:
         """The adapters with some weight anywhere in the map (read back once per call)."""
@@ -54,9 +66,11 @@ class RoutedCall:
             self._active = tuple(adapter for adapter, peak in enumerate(peaks) if peak > 0)
         return self._active
 
-    def mean(self) -> torch.Tensor:
-        """``[R, N]``: each adapter's mean weight over the image."""
-        return self.weights.mean(dim=(-2, -1))
+    def mean(self, adapters: tuple[int, ...]) -> torch.Tensor:
+        """``[R, n]``: the mean weight over the image of each of ``adapters``."""
+        return self.derived(
+            ("mean", adapters), lambda: self.weights[:, device_index(adapters, self.weights.device)].mean(dim=(-2, -1))
+        )
 
 
 def token_grids(
@@ -79,21 +93,36 @@ def token_grids(
 def token_weights(call: RoutedCall, module_name: str, x: torch.Tensor, adapters: tuple[int, ...]) -> torch.Tensor:
     """Weights of ``adapters`` for every token of a linear layer's input ``x [R, T, C]`` (or ``[R, C]``):
     ``[R, T, n]`` (or ``[R, n]``)."""
-    mean = call.mean()[:, list(adapters)]
+    mean = call.mean(adapters)
     if x.ndim != 3 or any(marker in module_name for marker in TEXT_STREAM_MARKERS):
         return mean if x.ndim == 2 else mean.unsqueeze(1).expand(-1, x.shape[1], -1)
     tokens = x.shape[1]
     for height, width in call.grids:
         if tokens == height * width:
-            return call.on_grid(height, width)[:, list(adapters)].flatten(2).transpose(1, 2)
+            return call.on_grid(height, width, adapters).flatten(2).transpose(1, 2)
     joint = call.joint_grid
     if joint is not None and tokens > joint[0] * joint[1]:  # text tokens first, then the image's
-        image = call.on_grid(*joint)[:, list(adapters)].flatten(2).transpose(1, 2)
+        image = call.on_grid(*joint, adapters).flatten(2).transpose(1, 2)
         text = mean.unsqueeze(1).expand(-1, tokens - image.shape[1], -1)
         return torch.cat([text, image], dim=1)
     return mean.unsqueeze(1).expand(-1, tokens, -1)
 
 
-def conv_weights(call: RoutedCall, out_shape: torch.Size, adapters: tuple[int, ...]) -> torch.Tensor:
-    """``[R, n, H', W']`` at a convolution's output size."""
-    return call.on_grid(out_shape[-2], out_shape[-1])[:, list(adapters)]
+def token_gate(call: RoutedCall, module_name: str, x: torch.Tensor, adapters: tuple[int, ...], rank: int = 1) -> torch.Tensor:
+    """:func:`token_weights` in ``x``'s dtype, each adapter's weight repeated over its ``rank``
+    channels of a joined low-rank product: ``[R, T, n * rank]`` (or ``[R, n * rank]``), once per call."""
+    text = x.ndim != 3 or any(marker in module_name for marker in TEXT_STREAM_MARKERS)
+    key = ("token", text, tuple(x.shape[:-1]), adapters, rank, x.dtype)
+    return call.derived(key, lambda: token_weights(call, module_name, x, adapters).to(x.dtype).repeat_interleave(rank, dim=-1))
+
+
+def conv_gate(
+    call: RoutedCall, out_shape: torch.Size, adapters: tuple[int, ...], dtype: torch.dtype, rank: int = 1
+) -> torch.Tensor:
+    """``[R, n * rank, H', W']`` at a convolution's output size (each weight over its ``rank``
+    channels), in ``dtype``, once per call."""
+    height, width = out_shape[-2], out_shape[-1]
+    return call.derived(
+        ("conv", height, width, adapters, rank, dtype),
+        lambda: call.on_grid(height, width, adapters).to(dtype).repeat_interleave(rank, dim=1),
+    )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import comfy.utils
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import loratorio_core as lc
 from support.engine_helpers import STEPS, ForwardCounter, make_guider, merged_prediction, row_predictions, run_sampler
@@ -51,6 +54,56 @@ def test_token_gating_follows_the_map(engine, tiny_model_factory, loras_folder):
     assert left_error[0] < left_error[1] and right_error[1] < right_error[0]
     nothing, base = row_predictions(engine, patcher, "sd15", adapters, (-2, -1), torch.zeros(1, 2, 16, 16))
     torch.testing.assert_close(nothing, base, rtol=1e-5, atol=1e-6)
+
+
+class PythonDataToDevice(TorchFunctionMode):
+    """Records the pack's torch calls that build a tensor from Python data, index with a Python list
+    or read a tensor back to Python: on a GPU each one waits for every queued kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sends: list[str] = []
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        caller = sys._getframe(1).f_code
+        if "loratorio_comfy" in caller.co_filename:
+            name = getattr(func, "__name__", str(func))
+            where = f"{name} in {caller.co_name} ({caller.co_filename.rsplit('/', 1)[-1]})"
+            indices = args[1] if name in ("__getitem__", "__setitem__") else ()
+            if name in ("tensor", "as_tensor") or any(
+                isinstance(i, list) for i in (indices if isinstance(indices, tuple) else (indices,))
+            ):
+                self.sends.append(where)
+            elif name in ("tolist", "item"):
+                self.reads.append(where)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_warm_model_call_sends_no_python_data_to_the_device(engine, tiny_model_factory, loras_folder):
+    """Once a plan has run, a model call with adapter rows (in stack order, reversed as ComfyUI
+    batches LoRAtorio's, one adapter on every row as Switch's, routed with an adapter left out of
+    the map) builds no tensor from Python data and indexes with no Python list, and a routed call
+    reads back only which adapters are active; rows of one adapter, in any order, are its own rows."""
+    patcher = tiny_model_factory("sd15")
+    files = [write_lora(loras_folder / f"warm{i}.safetensors", "sd15", patcher.model, "kohya", seed=60 + i) for i in range(3)]
+    adapters = engine.adapter_set.AdapterSet(patcher, [(f.name, 1.0) for f in files])
+    routing = torch.zeros(1, 3, 16, 16)
+    routing[:, 0, :, :8] = 1.0
+    routing[:, 2, :, 8:] = 0.7  # adapter 1 has no weight: the routed layers take adapters (0, 2)
+    outputs = {}
+    for row_map in ((-1, 0, 1, 2), (2, 1, 0, -1), (1, 1), (-2, -1)):
+        map_of_call = routing if -2 in row_map else None
+        row_predictions(engine, patcher, "sd15", adapters, row_map, map_of_call)
+        with PythonDataToDevice() as watch:
+            outputs[row_map] = row_predictions(engine, patcher, "sd15", adapters, row_map, map_of_call)
+        assert not watch.sends, f"rows {row_map}: {watch.sends[:3]}"
+        assert len(watch.reads) <= (1 if -2 in row_map else 0), f"rows {row_map}: {watch.reads[:3]}"
+    in_order, reversed_order, shared = outputs[(-1, 0, 1, 2)], outputs[(2, 1, 0, -1)], outputs[(1, 1)]
+    for row in range(4):
+        torch.testing.assert_close(reversed_order[3 - row], in_order[row], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared[0], in_order[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared[1], in_order[2], rtol=1e-5, atol=1e-5)
 
 
 def cross_attention_rows(engine, patcher, adapters, routing: torch.Tensor, row_map: tuple[int, ...]) -> list[torch.Tensor]:
