@@ -66,6 +66,7 @@ def test_conversion_function_layers_equal_lora_loader(engine, family, tiny_model
     expected = merged_prediction(
         patcher, family, comfy.utils.load_torch_file(str(loras_folder / f"converted-{family}.safetensors")), 0.9
     )
+    comfy.model_management.load_models_gpu([patcher])
     with torch.no_grad():
         plain = patcher.model.apply_model(latent(family), timesteps(2.0), **conditioning(family))
     assert not torch.allclose(expected, plain, atol=1e-3)

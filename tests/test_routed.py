@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import comfy.model_management
 import comfy.utils
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 import loratorio_core as lc
 from support.engine_helpers import STEPS, ForwardCounter, make_guider, merged_prediction, row_predictions, run_sampler
 from support.lora_files import write_lora
-from support.tiny_models import FAMILIES, latent
+from support.tiny_models import FAMILIES, device, latent
 
 
 def one_hot_routing(family: str, adapters: int, chosen: int) -> torch.Tensor:
@@ -119,6 +120,8 @@ def cross_attention_rows(engine, patcher, adapters, routing: torch.Tensor, row_m
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(1, height * width, attention.to_q.in_features, generator=generator).repeat(len(row_map), 1, 1)
     context = torch.randn(1, 7, attention.to_k.in_features, generator=generator).repeat(len(row_map), 1, 1)
+    comfy.model_management.load_models_gpu([patcher])
+    x, context, routing = x.to(device()), context.to(device()), routing.to(device())
     call = RoutedCall(routing, *token_grids(diffusion_model, height, width))
     plan = layers.plan(row_map, x.device)
     with torch.no_grad(), engine.row_lora.row_loras_installed(diffusion_model, layers, plan, call):
