@@ -64,9 +64,20 @@ class LowRankGroup:
     up: torch.Tensor
     start: int
     size: int
+    _views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def to(self, device: torch.device, dtype: torch.dtype) -> LowRankGroup:
         return LowRankGroup(self.adapters, self.down.to(device, dtype), self.up.to(device, dtype), self.start, self.size)
+
+    def transposed(self, first: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(down[first:stop]`` as ``[m, in, R]``, ``up[first:stop]`` as ``[m, R, size])``: views of
+        a linear layer's stacks, made once (a hook then queues only its two products)."""
+        views = self._views.get((first, stop))
+        if views is None:
+            views = self._views[(first, stop)] = (self.down[first:stop].transpose(1, 2), self.up[first:stop].transpose(1, 2))
+        return views
 
     @functools.cached_property
     def joined_down(self) -> torch.Tensor:
@@ -77,6 +88,16 @@ class LowRankGroup:
     def joined_up(self) -> torch.Tensor:
         """``[size, n * R]``, matching :attr:`joined_down`."""
         return self.up.permute(1, 0, 2).reshape(self.size, -1)
+
+    @functools.cached_property
+    def joined_down_t(self) -> torch.Tensor:
+        """``[in, n * R]``: :attr:`joined_down` of a linear layer, transposed."""
+        return self.joined_down.T
+
+    @functools.cached_property
+    def joined_up_t(self) -> torch.Tensor:
+        """``[n * R, size]``: :attr:`joined_up`, transposed."""
+        return self.joined_up.T
 
 
 @dataclass(frozen=True)
@@ -241,6 +262,7 @@ class RowLayers:
 
     def __init__(self, layers: dict[str, LayerDeltas]) -> None:
         self.layers = layers
+        self.paths = {name: tuple(name.split(".")) for name in layers}
         self._cast: dict[tuple[str, torch.device, torch.dtype], LayerDeltas] = {}
         self._plans: dict[tuple[tuple[int, ...], torch.device], RowPlan] = {}
         self._lock = threading.Lock()  # multi-GPU threads cast and plan for their own devices at once
@@ -354,7 +376,12 @@ class RowLoRAHook:
                 output[:, channels].add_(torch.einsum("bkhw,ok->bohw", hidden, group.joined_up).to(output.dtype))
             elif not self.conv:
                 gate = token_gate(call, self.name, x, group.adapters, rank)
-                output[..., channels].add_(((x @ group.joined_down.T) * gate @ group.joined_up.T).to(output.dtype))
+                hidden = x.reshape(-1, x.shape[-1]).mm(group.joined_down_t) * gate.reshape(-1, gate.shape[-1])
+                if group.size == output.shape[-1] and output.is_contiguous() and output.dtype == hidden.dtype:
+                    output.view(-1, group.size).addmm_(hidden, group.joined_up_t)
+                else:
+                    delta = hidden.mm(group.joined_up_t).reshape(*output.shape[:-1], group.size)
+                    output[..., channels].add_(delta.to(output.dtype))
             else:
                 raise RuntimeError(f"comfyui-loratorio: routed rows do not support the {x.ndim - 2}-d convolution {self.name}")
         for adapter, delta in layer.dense.items():
@@ -375,31 +402,48 @@ class RowLoRAHook:
     def _add_low_rank(self, x: torch.Tensor, output: torch.Tensor, group: LowRankGroup, rows: GroupRows) -> None:
         """``output[rows, slice] += f(x[rows]; up @ down)`` per run of rows, accumulated in place."""
         channels = slice(group.start, group.start + group.size)
-        whole_output = group.size == output.shape[1 if self.conv else -1]
         for start, stop, index, shared in rows.segments:
-            down, up = group.down[index], group.up[index]
-            x_rows, out_rows = x[start:stop], output[start:stop]
-            count = 1 if shared else stop - start  # one adapter on every row: one product over all of them
-            if self.conv and shared:
-                hidden = self.conv_nd(x_rows, down[0], **self.conv_args)
-                out_rows[:, channels].add_(torch.einsum("br...,or->bo...", hidden, up[0]).to(output.dtype))
-                continue
+            whole_batch = start == 0 and stop == x.shape[0]
+            x_rows = x if whole_batch else x[start:stop]
+            out_rows = output if whole_batch else output[start:stop]
             if self.conv:
-                hidden = self.conv_nd(
-                    x_rows.reshape(1, count * x_rows.shape[1], *x_rows.shape[2:]),
-                    down.reshape(count * down.shape[1], *down.shape[2:]),
-                    groups=count,
-                    **self.conv_args,
-                )
-                hidden = hidden.reshape(count, down.shape[1], *hidden.shape[2:])
-                out_rows[:, channels].add_(torch.einsum("br...,bor->bo...", hidden, up).to(output.dtype))
+                self._add_low_rank_conv(x_rows, out_rows, group, index, shared, channels)
                 continue
-            hidden = torch.bmm(x_rows.reshape(count, -1, x.shape[-1]), down.transpose(1, 2))
-            if whole_output and out_rows.is_contiguous() and out_rows.dtype == hidden.dtype:
-                out_rows.view(count, -1, output.shape[-1]).baddbmm_(hidden, up.transpose(1, 2))
+            count = 1 if shared else stop - start  # one adapter on every row: one product over all of them
+            if isinstance(index, slice):
+                down_t, up_t = group.transposed(index.start, index.stop)
             else:
-                delta = torch.bmm(hidden, up.transpose(1, 2)).reshape(*out_rows.shape[:-1], group.size)
+                down_t, up_t = group.down.index_select(0, index).transpose(1, 2), group.up.index_select(0, index).transpose(1, 2)
+            hidden = torch.bmm(x_rows.reshape(count, -1, x.shape[-1]), down_t)
+            if group.size == output.shape[-1] and out_rows.is_contiguous() and out_rows.dtype == hidden.dtype:
+                out_rows.view(count, -1, output.shape[-1]).baddbmm_(hidden, up_t)
+            else:
+                delta = torch.bmm(hidden, up_t).reshape(*out_rows.shape[:-1], group.size)
                 out_rows[..., channels].add_(delta.to(output.dtype))
+
+    def _add_low_rank_conv(
+        self,
+        x_rows: torch.Tensor,
+        out_rows: torch.Tensor,
+        group: LowRankGroup,
+        index: slice | torch.Tensor,
+        shared: bool,
+        channels: slice,
+    ) -> None:
+        down, up = group.down[index], group.up[index]
+        if shared:
+            hidden = self.conv_nd(x_rows, down[0], **self.conv_args)
+            out_rows[:, channels].add_(torch.einsum("br...,or->bo...", hidden, up[0]).to(out_rows.dtype))
+            return
+        count = x_rows.shape[0]
+        hidden = self.conv_nd(
+            x_rows.reshape(1, count * x_rows.shape[1], *x_rows.shape[2:]),
+            down.reshape(count * down.shape[1], *down.shape[2:]),
+            groups=count,
+            **self.conv_args,
+        )
+        hidden = hidden.reshape(count, down.shape[1], *hidden.shape[2:])
+        out_rows[:, channels].add_(torch.einsum("br...,bor->bo...", hidden, up).to(out_rows.dtype))
 
 
 @contextlib.contextmanager
@@ -412,8 +456,8 @@ def row_loras_installed(
     per_query = {name for router in routers for name in router.text_layers.values()}
     handles = []
     try:
-        for name in layers.layers:
-            module = diffusion_model.get_submodule(name)
+        for name, path in layers.paths.items():
+            module = submodule(diffusion_model, path)
             hook = RowLoRAHook(module, name, layers, plan, routed, routed_elsewhere=name in per_query)
             handles.append(module.register_forward_hook(hook))
         for router in routers:  # after the layers' own hooks, so that the queries it keeps have their deltas
@@ -422,6 +466,18 @@ def row_loras_installed(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def submodule(root: torch.nn.Module, path: tuple[str, ...]) -> torch.nn.Module:
+    """``root.get_submodule(".".join(path))`` through the modules' own tables: the same module, found
+    without ``nn.Module.__getattr__`` at every level (a call looks up every targeted layer)."""
+    module = root
+    for part in path:
+        child = module._modules.get(part)
+        if child is None:
+            return root.get_submodule(".".join(path))  # what it raises names the missing part
+        module = child
+    return module
 
 
 def rows_for_forward(row_map: Sequence[int], cond_or_uncond: Sequence[int], batch: int) -> tuple[int, ...]:

@@ -8,7 +8,9 @@ One line per configuration, for scripts to read::
 
 ``ratio`` is the time of the hook (every row's low-rank delta, accumulated into the layer output)
 over the time of ``F.linear`` on the same rows: the base layer's own cost, which the pack adds to.
-Each figure is the minimum over ``repeats`` timings of ``iterations`` calls.
+Each figure is the minimum over ``repeats`` timings of ``iterations`` calls. The first shape, 4
+tokens of 64 channels, has next to no arithmetic: its ratio is the hook's own dispatch (Python and
+kernel launches) in plain layer calls, what a fast GPU pays at every hooked layer.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F  # noqa: N812
 
 # (tokens, in, out): SD1.5 at 512 (64x64 latent, 320 and 640 channels), SDXL at 1024 (1280 channels
 # at 32x32 tokens, 640 at 64x64), Flux at 1024 (3072 hidden, 4096 tokens)
-LAYER_SHAPES = ((4096, 320, 320), (1024, 640, 640), (1024, 1280, 1280), (4096, 640, 640), (4096, 3072, 3072))
+LAYER_SHAPES = ((4, 64, 64), (4096, 320, 320), (1024, 640, 640), (1024, 1280, 1280), (4096, 640, 640), (4096, 3072, 3072))
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ METHODS = (
     MethodRows("loratorio-lambda1", lambda n: [-1, *range(n), -1]),
     MethodRows("composite", lambda n: [*range(n), *range(n)]),
     MethodRows("switch", lambda n: [0, 0]),
+    MethodRows("single-pass", lambda n: [-2, -1]),  # a routed row (an even map over the adapters) and the base uncond
 )
 
 
@@ -77,7 +80,9 @@ def layer_ratio(row_lora, tokens: int, width_in: int, width_out: int, rank: int,
     ]  # one rank-``rank`` LoRA per adapter
     layers = row_lora.RowLayers({"layer": row_lora.LayerDeltas(row_lora.group_low_rank(factors, width_out, None), {})})
     plan = layers.plan(rows, device)
-    hook = row_lora.RowLoRAHook(module, "layer", layers, plan)
+    side = int(tokens**0.5)
+    routed = row_lora.RoutedCall(torch.full((1, adapters, side, side), 1 / adapters, device=device), ((side, side),), None)
+    hook = row_lora.RowLoRAHook(module, "layer", layers, plan, routed if row_lora.ROUTED_ROW in rows else None)
     output = F.linear(x, module.weight)
     with torch.no_grad():
         hook(module, (x,), output)  # casts the stacks once, as the first forward of a run does
@@ -103,7 +108,8 @@ def run(row_lora, ranks: list[int], adapters: list[int], threads: int) -> list[s
         for rank in ranks:
             for n in adapters:
                 for method in METHODS:
-                    ratio = layer_ratio(row_lora, tokens, width_in, width_out, rank, method, n)
+                    iterations = max(5, 20000 // tokens)  # the dispatch shape needs many calls to time
+                    ratio = layer_ratio(row_lora, tokens, width_in, width_out, rank, method, n, iterations)
                     line = (
                         f"layer tokens={tokens} in={width_in} out={width_out} rank={rank} method={method.name} "
                         f"adapters={n} ratio={ratio:.3f}"
