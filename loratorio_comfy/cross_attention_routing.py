@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import loratorio_core as lc
-from .token_routing import RoutedCall, token_weights
+from .module_lookup import submodule
+from .token_routing import RoutedCall, token_gate
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
@@ -53,7 +54,7 @@ def is_cross_attention(module: torch.nn.Module) -> bool:
 def routed_cross_attentions(diffusion_model: torch.nn.Module, layer_names: Sequence[str]) -> dict[str, torch.nn.Module]:
     """The cross-attentions (by module name) whose text keys or values some adapter changes."""
     parents = sorted({name.rsplit(".", 1)[0] for name in layer_names if name.endswith((".attn2.to_k", ".attn2.to_v"))})
-    modules = {name: diffusion_model.get_submodule(name) for name in parents}
+    modules = {name: submodule(diffusion_model, tuple(name.split("."))) for name in parents}
     return {name: module for name, module in modules.items() if is_cross_attention(module)}
 
 
@@ -98,7 +99,7 @@ class CrossAttentionRouter:
         keys = self._per_adapter("to_k", kept["k"], kept["k_input"])
         values = self._per_adapter("to_v", kept["v"], kept["v_input"])
         query = kept["q"]
-        weights = token_weights(self.call, f"{self.name}.to_out.0", query, self.adapters)
+        weights = token_gate(self.call, f"{self.name}.to_out.0", query, self.adapters)
         shift = lc.per_query_attention_shift(query, keys, values, weights, self.attention.heads)
         shifted = attended.clone()
         offset = 0

@@ -41,6 +41,7 @@ import torch.nn.functional as F  # noqa: N812
 from .adapters import LowRankFactor
 from .cross_attention_routing import cross_attention_routers
 from .device_index import device_index
+from .module_lookup import submodule
 from .token_routing import RoutedCall, conv_gate, token_gate, token_grids
 
 LOG = logging.getLogger("comfyui-loratorio")
@@ -466,18 +467,6 @@ def row_loras_installed(
     finally:
         for handle in handles:
             handle.remove()
-
-
-def submodule(root: torch.nn.Module, path: tuple[str, ...]) -> torch.nn.Module:
-    """``root.get_submodule(".".join(path))`` through the modules' own tables: the same module, found
-    without ``nn.Module.__getattr__`` at every level (a call looks up every targeted layer)."""
-    module = root
-    for part in path:
-        child = module._modules.get(part)
-        if child is None:
-            return root.get_submodule(".".join(path))  # what it raises names the missing part
-        module = child
-    return module
 
 
 def rows_for_forward(row_map: Sequence[int], cond_or_uncond: Sequence[int], batch: int) -> tuple[int, ...]:

@@ -501,3 +501,17 @@ def test_loha_runs_in_its_low_rank_form_where_that_is_smaller(engine, tiny_model
     for module in parsed.dense_patches:
         out_features, in_features = diffusion_model.get_submodule(module).weight.shape
         assert 16 * (in_features + out_features) >= in_features * out_features
+
+
+def test_layers_are_found_as_get_submodule_finds_them(pack, tiny_model_factory):
+    """The per-call lookup of every targeted layer returns ``get_submodule``'s module, and a name the
+    model lacks fails as ``get_submodule`` fails, naming the missing part."""
+    from comfyui_loratorio.loratorio_comfy.module_lookup import submodule
+
+    for family in FAMILIES:
+        root = tiny_model_factory(family).model.diffusion_model
+        for name, module in root.named_modules():
+            if name:
+                assert submodule(root, tuple(name.split("."))) is module, name
+    with pytest.raises(AttributeError, match="no_such_block"):
+        submodule(root, ("no_such_block", "to_q"))
