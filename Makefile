@@ -23,12 +23,12 @@ compat:  ## the whole suite against another ComfyUI tree: make compat COMFYUI=/p
 	$(PYTHON) tools/browser.py
 	$(PYTHON) tools/compat.py test --comfyui "$(COMFYUI)" $(if $(FRONTEND),--frontend $(FRONTEND)) -- $(PYTEST_ARGS)
 
-gpu-check:  ## on a machine with an NVIDIA GPU (about 10 min): x floor for SD1.5 512 and SDXL 1024, N = 1..5, fp16 and bf16, and the per-layer table
-	$(HOST) run -- tools/benchmark.py --models sd15-512,sdxl-1024 --adapters 1,2,3,4,5 --pools "" --repeats 1 \
-		--methods loratorio,loratorio-lambda1,composite,switch,merge --dtype float16 --out out/gpu/float16
-	$(HOST) run -- tools/benchmark.py --models sd15-512,sdxl-1024 --adapters 1,2,3,4,5 --pools "" --repeats 1 \
-		--methods loratorio,loratorio-lambda1,composite,switch,merge --dtype bfloat16 --out out/gpu/bfloat16
-	$(HOST) run -- tools/benchmark.py --per-layer --ranks 16,32,64,128 --adapters 2,4
+gpu-check:  ## on a machine with an NVIDIA GPU (about 7 min): whole runs against KSampler and steps against the floor at N = 4 (SD1.5 512, SDXL 1024, fp16), and the per-layer table
+	$(HOST) run -- tools/benchmark.py --models sd15-512,sdxl-1024 --adapters 4 --interleaved 2:3,2:0 --whole-run-steps 20 \
+		--repeats 3 --dtype float16 --out out/gpu/interleaved
+	$(HOST) run -- tools/benchmark.py --models sd15-512,sdxl-1024 --adapters 4 --pools "" --repeats 1 \
+		--methods loratorio,loratorio-lambda1,composite,switch,merge,hooks --dtype float16 --out out/gpu/float16
+	$(HOST) run -- tools/benchmark.py --per-layer --ranks 32 --adapters 4
 
 host:  ## build (or reuse) the host and print where it is
 	$(HOST) setup
