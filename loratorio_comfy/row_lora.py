@@ -146,10 +146,10 @@ class LayerDeltas:
                 continue
             stacked = device_index(tuple(j for j, _ in members), x.device)
             slots = device_index(tuple(s for _, s in members), x.device)
-            down, up = group.down[stacked], group.up[stacked]  # [m, R, in], [m, size, R]
-            extra = (1,) * (x.ndim - 2)  # x's batch dims broadcast against the adapters'
-            hidden = torch.matmul(x.unsqueeze(0), down.transpose(1, 2).reshape(len(members), *extra, *down.shape[-1:-3:-1]))
-            delta = torch.matmul(hidden, up.transpose(1, 2).reshape(len(members), *extra, *up.shape[-1:-3:-1]))
+            down_t, up_t = group.down[stacked].transpose(1, 2), group.up[stacked].transpose(1, 2)  # [m, in, R], [m, R, size]
+            batch = (len(members), *(1,) * (x.ndim - 2))  # the adapters, broadcast over x's batch dims
+            hidden = torch.matmul(x.unsqueeze(0), down_t.reshape(*batch, *down_t.shape[1:]))
+            delta = torch.matmul(hidden, up_t.reshape(*batch, *up_t.shape[1:]))
             outputs[slots, ..., group.start : group.start + group.size] += delta
         for adapter, dense in self.dense.items():
             if adapter in slot:

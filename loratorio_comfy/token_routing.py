@@ -90,11 +90,17 @@ def token_grids(
     return tuple(grids), None
 
 
+def on_image_tokens(module_name: str, x: torch.Tensor) -> bool:
+    """Whether a linear layer's input ``x`` holds image tokens (``[R, T, C]`` off the text stream),
+    which get the map's weights token by token; other inputs get each adapter's mean weight."""
+    return x.ndim == 3 and not any(marker in module_name for marker in TEXT_STREAM_MARKERS)
+
+
 def token_weights(call: RoutedCall, module_name: str, x: torch.Tensor, adapters: tuple[int, ...]) -> torch.Tensor:
     """Weights of ``adapters`` for every token of a linear layer's input ``x [R, T, C]`` (or ``[R, C]``):
     ``[R, T, n]`` (or ``[R, n]``)."""
     mean = call.mean(adapters)
-    if x.ndim != 3 or any(marker in module_name for marker in TEXT_STREAM_MARKERS):
+    if not on_image_tokens(module_name, x):
         return mean if x.ndim == 2 else mean.unsqueeze(1).expand(-1, x.shape[1], -1)
     tokens = x.shape[1]
     for height, width in call.grids:
@@ -111,8 +117,7 @@ def token_weights(call: RoutedCall, module_name: str, x: torch.Tensor, adapters:
 def token_gate(call: RoutedCall, module_name: str, x: torch.Tensor, adapters: tuple[int, ...], rank: int = 1) -> torch.Tensor:
     """:func:`token_weights` in ``x``'s dtype, each adapter's weight repeated over its ``rank``
     channels of a joined low-rank product: ``[R, T, n * rank]`` (or ``[R, n * rank]``), once per call."""
-    text = x.ndim != 3 or any(marker in module_name for marker in TEXT_STREAM_MARKERS)
-    key = ("token", text, tuple(x.shape[:-1]), adapters, rank, x.dtype)
+    key = ("token", on_image_tokens(module_name, x), tuple(x.shape[:-1]), adapters, rank, x.dtype)
     return call.derived(key, lambda: token_weights(call, module_name, x, adapters).to(x.dtype).repeat_interleave(rank, dim=-1))
 
 

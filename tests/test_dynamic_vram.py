@@ -1,5 +1,5 @@
-"""Under ComfyUI's dynamic VRAM (newer releases on NVIDIA: ``ModelPatcherDynamic`` with comfy-aimdo) every
-method samples what it samples on the classic ModelPatcher, and writes no base weight.
+"""Under ComfyUI's dynamic VRAM (newer releases on NVIDIA: ``ModelPatcherDynamic`` with comfy-aimdo) each
+composition method samples what it samples on the classic ModelPatcher, and writes no base weight.
 
 A device check: it runs with ``LORATORIO_TEST_DEVICE=gpu`` on a ComfyUI that has dynamic VRAM, on an
 NVIDIA GPU, and is skipped elsewhere with the reason."""

@@ -80,9 +80,11 @@ def layer_ratio(row_lora, tokens: int, width_in: int, width_out: int, rank: int,
     ]  # one rank-``rank`` LoRA per adapter
     layers = row_lora.RowLayers({"layer": row_lora.LayerDeltas(row_lora.group_low_rank(factors, width_out, None), {})})
     plan = layers.plan(rows, device)
-    side = int(tokens**0.5)
-    routed = row_lora.RoutedCall(torch.full((1, adapters, side, side), 1 / adapters, device=device), ((side, side),), None)
-    hook = row_lora.RowLoRAHook(module, "layer", layers, plan, routed if row_lora.ROUTED_ROW in rows else None)
+    routed = None
+    if row_lora.ROUTED_ROW in rows:  # an even map over the adapters, on the tokens' square grid
+        side = int(tokens**0.5)
+        routed = row_lora.RoutedCall(torch.full((1, adapters, side, side), 1 / adapters, device=device), ((side, side),), None)
+    hook = row_lora.RowLoRAHook(module, "layer", layers, plan, routed)
     output = F.linear(x, module.weight)
     with torch.no_grad():
         hook(module, (x,), output)  # casts the stacks once, as the first forward of a run does

@@ -182,9 +182,7 @@ def build_model(family: str, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
     fill_seeded(model.diffusion_model, seed)
     model.eval()
     return comfy.model_patcher.ModelPatcher(
-        model,
-        load_device=comfy.model_management.get_torch_device(),
-        offload_device=comfy.model_management.unet_offload_device(),
+        model, load_device=device(), offload_device=comfy.model_management.unet_offload_device()
     )
 
 
