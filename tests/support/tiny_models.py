@@ -7,8 +7,9 @@ weight initialisation, so every parameter is filled from a seeded generator.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import comfy.ldm.flux.model
@@ -156,18 +157,19 @@ def fill_seeded(module: torch.nn.Module, seed: int) -> None:
             param.copy_(values.to(param.dtype))
 
 
-def eagerly_built(model_config) -> comfy.model_base.BaseModel:
-    """``model_config.get_model({})`` with every weight allocated now. Under newer ComfyUI's dynamic
-    VRAM, layers allocate their weights only when a state dict is loaded; these models are filled in
-    place instead."""
+@contextlib.contextmanager
+def weights_allocated_now() -> Iterator[None]:
+    """Models built in this block allocate every weight at once. Under newer ComfyUI's dynamic VRAM,
+    layers allocate their weights only when a state dict is loaded; the tests fill theirs in place."""
     try:
         import comfy.memory_management as memory
     except ImportError:  # ComfyUI before dynamic VRAM
-        return model_config.get_model({})
+        yield
+        return
     lazy = getattr(memory, "aimdo_enabled", False)
     memory.aimdo_enabled = False
     try:
-        return model_config.get_model({})
+        yield
     finally:
         memory.aimdo_enabled = lazy
 
@@ -178,7 +180,8 @@ def build_model(family: str, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
     spec = FAMILY_SPECS[family]
     model_config = spec.model_class(dict(spec.unet_config))
     model_config.set_inference_dtype(torch.float32, None)
-    model = eagerly_built(model_config)
+    with weights_allocated_now():
+        model = model_config.get_model({})
     fill_seeded(model.diffusion_model, seed)
     model.eval()
     return comfy.model_patcher.ModelPatcher(
@@ -196,6 +199,17 @@ def batch_tolerance() -> float:
     size where a test scales it): exact on the CPU; on a GPU, cuDNN's benchmark mode (which ComfyUI
     turns on) picks a convolution algorithm per shape, so a row's sums run in another order."""
     return 1e-5 if device().type == "cpu" else 2e-4
+
+
+def merge_tolerance(on_cpu: float = 1e-5) -> float:
+    """The float32 tolerance against ComfyUI's own LoRA merge (scaled as :func:`batch_tolerance`):
+    ``on_cpu`` on the CPU; on a GPU, where newer releases merge LoRAs in float16
+    (``lora_compute_dtype``), a rounding of about 5e-4 that the pack's float32 rows do not share."""
+    if device().type == "cpu":
+        return on_cpu
+    lora_compute_dtype = getattr(comfy.model_management, "lora_compute_dtype", None)
+    in_float16 = lora_compute_dtype is not None and lora_compute_dtype(device()) == torch.float16
+    return max(on_cpu, 2e-3 if in_float16 else batch_tolerance())
 
 
 def timesteps(*values: float) -> torch.Tensor:
@@ -242,6 +256,7 @@ class TinyClipL(comfy.sd1_clip.SDClipModel):
 def build_clip(seed: int = 0) -> comfy.sd.CLIP:
     """A real ComfyUI CLIP object (SD1.5 tokenizer and text model class), seeded, on the CPU."""
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    clip = comfy.sd.CLIP(target, model_options={"clip_l_class": TinyClipL})
+    with weights_allocated_now():
+        clip = comfy.sd.CLIP(target, model_options={"clip_l_class": TinyClipL})
     fill_seeded(clip.cond_stage_model, seed)
     return clip
