@@ -113,9 +113,7 @@ class CrossAttentionRouter:
         name = self.text_layers.get(projection)
         if name is None:
             return base.unsqueeze(0).expand(1 + len(self.adapters), *base.shape)
-        layer = self.layers.on(name, text.device, text.dtype)
-        deltas = layer.linear_outputs(text, self.adapters, base.shape[-1])
-        return torch.cat([base.unsqueeze(0), base.unsqueeze(0) + deltas.to(base.dtype)])
+        return self.layers.on(name, text.device, text.dtype).outputs_per_adapter(text, self.adapters, base)
 
 
 def cross_attention_routers(

@@ -135,11 +135,22 @@ class LayerDeltas:
         """The adapters with a delta on this layer."""
         return {a for group in self.low_rank for a in group.adapters} | set(self.dense)
 
-    def linear_outputs(self, x: torch.Tensor, adapters: Sequence[int], out_features: int) -> torch.Tensor:
-        """``[n, *x.shape[:-1], out_features]``: ``f(x; dW_a)`` of a linear layer for each of ``adapters``
-        (zeros for one without a delta here)."""
-        outputs = x.new_zeros(len(adapters), *x.shape[:-1], out_features)
-        slot = {adapter: j for j, adapter in enumerate(adapters)}
+    def outputs_per_adapter(self, x: torch.Tensor, adapters: tuple[int, ...], base: torch.Tensor) -> torch.Tensor:
+        """``[1 + n, *base.shape]``: a linear layer's base output ``base = f(x; W0, b0)``, then ``base +
+        f(x; dW_a)`` for each of ``adapters`` (``base`` again for one without a delta here)."""
+        count, out_features = len(adapters), base.shape[-1]
+        whole = self.low_rank[0] if len(self.low_rank) == 1 and not self.dense else None
+        if whole is not None and whole.adapters == adapters and whole.size == out_features and base.dtype == x.dtype:
+            # every adapter in one stack, in order: one product for all of them, added onto the base output
+            outputs = base.new_empty(count + 1, *base.shape)
+            outputs[0] = base
+            rank = whole.down.shape[1]
+            hidden = x.reshape(-1, x.shape[-1]).mm(whole.joined_down_t).view(-1, count, rank).transpose(0, 1)
+            flat_base = base.reshape(1, -1, out_features).expand(count, -1, -1)
+            torch.baddbmm(flat_base, hidden, whole.transposed(0, count)[1], out=outputs[1:].view(count, -1, out_features))
+            return outputs
+        outputs = base.unsqueeze(0).repeat(count + 1, *(1,) * base.ndim)
+        slot = {adapter: j + 1 for j, adapter in enumerate(adapters)}
         for group in self.low_rank:
             members = [(j, slot[adapter]) for j, adapter in enumerate(group.adapters) if adapter in slot]
             if not members:
@@ -150,10 +161,10 @@ class LayerDeltas:
             batch = (len(members), *(1,) * (x.ndim - 2))  # the adapters, broadcast over x's batch dims
             hidden = torch.matmul(x.unsqueeze(0), down_t.reshape(*batch, *down_t.shape[1:]))
             delta = torch.matmul(hidden, up_t.reshape(*batch, *up_t.shape[1:]))
-            outputs[slots, ..., group.start : group.start + group.size] += delta
+            outputs[slots, ..., group.start : group.start + group.size] += delta.to(outputs.dtype)
         for adapter, dense in self.dense.items():
             if adapter in slot:
-                outputs[slot[adapter]] += dense.linear(x)
+                outputs[slot[adapter]] += dense.linear(x).to(outputs.dtype)
         return outputs
 
 

@@ -156,6 +156,38 @@ def test_each_image_query_attends_through_its_own_loras_text_keys(engine, tiny_m
     assert not torch.allclose(half, first, atol=1e-3) and not torch.allclose(half, second, atol=1e-3)
 
 
+def test_outputs_per_adapter_add_each_adapters_own_delta(engine):
+    """The text keys and values of every adapter at once: the base output, then the base plus each
+    adapter's ``x @ dW^T``, whether the adapters share one stack (one product), are a reordered or
+    partial choice of it, have stacks of their own, or a dense delta."""
+    row_lora = engine.row_lora
+    generator = torch.Generator().manual_seed(3)
+    x, base = torch.randn(2, 7, 6, generator=generator), torch.randn(2, 7, 5, generator=generator)
+    down, up = torch.randn(3, 2, 6, generator=generator), torch.randn(3, 5, 2, generator=generator)
+    dense = torch.randn(5, 6, generator=generator)
+    stacked = row_lora.LowRankGroup((0, 1, 2), down, up, 0, 5)
+    alone = tuple(row_lora.LowRankGroup((a,), down[a : a + 1], up[a : a + 1], 0, 5) for a in range(3))
+    low_rank = [up[a] @ down[a] for a in range(3)]
+    layers = {  # each layer, and each adapter's delta of its weight on it
+        "one stack": (row_lora.LayerDeltas((stacked,)), low_rank),
+        "a stack each": (row_lora.LayerDeltas(alone), low_rank),
+        "with a dense delta": (row_lora.LayerDeltas(alone[:2], {2: row_lora.DenseDelta(dense, None)}), [*low_rank[:2], dense]),
+    }
+    for label, (layer, own) in layers.items():
+        for adapters in ((0, 1, 2), (2, 0), (1,)):
+            outputs = layer.outputs_per_adapter(x, adapters, base)
+            expected = torch.stack([base, *(base + x @ own[a].T for a in adapters)])
+            torch.testing.assert_close(
+                outputs,
+                expected,
+                rtol=1e-5,
+                atol=1e-5,
+                msg=lambda m, label=label, adapters=adapters: f"{label}, adapters {adapters}: {m}",
+            )
+    partial = row_lora.LayerDeltas(alone[:1])
+    torch.testing.assert_close(partial.outputs_per_adapter(x, (1, 0), base)[1], base, msg="no delta here: the base output")
+
+
 def test_per_query_attention_shift_is_each_querys_own_attention():
     """The core formula against attention computed query by query."""
     generator = torch.Generator().manual_seed(0)
