@@ -42,6 +42,7 @@ from .adapters import LowRankFactor
 from .cross_attention_routing import cross_attention_routers
 from .device_index import device_index
 from .module_lookup import submodule
+from .shared_input import JoinedDown, SharedInputProduct, join_downs, shared_input_siblings
 from .token_routing import RoutedCall, conv_gate, token_gate, token_grids
 
 LOG = logging.getLogger("comfyui-loratorio")
@@ -69,8 +70,11 @@ class LowRankGroup:
         default_factory=dict, init=False, repr=False, compare=False
     )
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> LowRankGroup:
-        return LowRankGroup(self.adapters, self.down.to(device, dtype), self.up.to(device, dtype), self.start, self.size)
+    def to(self, device: torch.device, dtype: torch.dtype, down: torch.Tensor | None = None) -> LowRankGroup:
+        """This group on ``device`` in ``dtype``; ``down``: its down stack there already (a view of a
+        buffer it shares with other layers)."""
+        down = self.down.to(device, dtype) if down is None else down.view(self.down.shape)
+        return LowRankGroup(self.adapters, down, self.up.to(device, dtype), self.start, self.size)
 
     def transposed(self, first: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(down[first:stop]`` as ``[m, in, R]``, ``up[first:stop]`` as ``[m, R, size])``: views of
@@ -120,9 +124,11 @@ class LayerDeltas:
     low_rank: tuple[LowRankGroup, ...] = ()
     dense: dict[int, DenseDelta] = field(default_factory=dict)
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> LayerDeltas:
+    def to(self, device: torch.device, dtype: torch.dtype, downs: Sequence[torch.Tensor] | None = None) -> LayerDeltas:
+        """These deltas on ``device`` in ``dtype``; ``downs``: the groups' down stacks there already."""
         dense = {a: DenseDelta(_cast(d.weight, device, dtype), _cast(d.bias, device, dtype)) for a, d in self.dense.items()}
-        return LayerDeltas(tuple(group.to(device, dtype) for group in self.low_rank), dense)
+        placed = downs if downs is not None else [None] * len(self.low_rank)
+        return LayerDeltas(tuple(group.to(device, dtype, down) for group, down in zip(self.low_rank, placed, strict=True)), dense)
 
     def numel(self) -> int:
         """How many numbers the deltas hold (their memory is this times the compute dtype's size)."""
@@ -277,7 +283,9 @@ class RowLayers:
     def __init__(self, layers: dict[str, LayerDeltas]) -> None:
         self.layers = layers
         self.paths = {name: tuple(name.split(".")) for name in layers}
+        self.siblings = shared_input_siblings(layers)
         self._cast: dict[tuple[str, torch.device, torch.dtype], LayerDeltas] = {}
+        self._joined: dict[tuple[tuple[str, ...], torch.device, torch.dtype], JoinedDown] = {}
         self._plans: dict[tuple[tuple[int, ...], torch.device], RowPlan] = {}
         self._lock = threading.Lock()  # multi-GPU threads cast and plan for their own devices at once
 
@@ -285,10 +293,36 @@ class RowLayers:
         key = (name, device, dtype)
         cast = self._cast.get(key)
         if cast is None:
+            siblings = self.siblings.get(name)
+            if siblings is not None:
+                return self._cast_siblings(siblings, device, dtype)[name]
             cast = self.layers[name].to(device, dtype)
             with self._lock:
                 self._cast[key] = cast
         return cast
+
+    def joined_down(self, siblings: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> JoinedDown:
+        """The joined down-projections of layers that share an input (see :mod:`.shared_input`)."""
+        joined = self._joined.get((siblings, device, dtype))
+        if joined is None:
+            self._cast_siblings(siblings, device, dtype)
+            joined = self._joined[(siblings, device, dtype)]
+        return joined
+
+    def _cast_siblings(self, siblings: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> dict[str, LayerDeltas]:
+        """Siblings are cast together: their down stacks are views of their one joined buffer."""
+        joined = join_downs(siblings, self.layers, device, dtype)
+        buffer = joined.transposed.T
+        cast = {}
+        for name in siblings:
+            layer = self.layers[name]
+            downs = [buffer[slice(*joined.columns[(name, index)])] for index in range(len(layer.low_rank))]
+            cast[name] = layer.to(device, dtype, downs)
+        with self._lock:
+            self._joined.setdefault((siblings, device, dtype), joined)
+            for name in siblings:
+                self._cast.setdefault((name, device, dtype), cast[name])
+        return {name: self._cast[(name, device, dtype)] for name in siblings}
 
     def plan(self, rows: tuple[int, ...], device: torch.device) -> RowPlan:
         """The plan of a forward whose rows carry ``rows`` (adapter index or ``BASE_ROW`` per row)."""
@@ -345,10 +379,12 @@ class RowLoRAHook:
         plan: RowPlan,
         routed: RoutedCall | None = None,
         routed_elsewhere: bool = False,
+        shared: SharedInputProduct | None = None,
     ) -> None:
         """``routed_elsewhere``: this layer's routed rows get their deltas from another hook (the
-        per-query text keys and values of :mod:`.cross_attention_routing`), so this one skips them."""
-        self.name, self.layers, self.plan, self.routed = name, layers, plan, routed
+        per-query text keys and values of :mod:`.cross_attention_routing`), so this one skips them.
+        ``shared``: the routed rows' product this layer shares with its siblings (:mod:`.shared_input`)."""
+        self.name, self.layers, self.plan, self.routed, self.shared = name, layers, plan, routed, shared
         self.routed_rows = () if routed_elsewhere else plan.routed
         self.conv = isinstance(module, torch.nn.modules.conv._ConvNd)
         if self.conv:
@@ -373,15 +409,16 @@ class RowLoRAHook:
                 added = self._dense(x.index_select(0, rows), delta, output.shape)
                 output.index_add_(0, rows, added.to(output.dtype))
         for start, stop in self.routed_rows:
-            self._add_routed(x[start:stop], output[start:stop], layer)
+            self._add_routed(x[start:stop], output[start:stop], layer, x)
         return output
 
-    def _add_routed(self, x: torch.Tensor, output: torch.Tensor, layer: LayerDeltas) -> None:
-        """Routed rows: ``output += sum_i w_i(token) * f(x; dW_i)`` (see :mod:`.token_routing`)."""
+    def _add_routed(self, x: torch.Tensor, output: torch.Tensor, layer: LayerDeltas, source: torch.Tensor) -> None:
+        """Routed rows ``x`` of the layer's input ``source``: ``output += sum_i w_i(token) * f(x; dW_i)``
+        (see :mod:`.token_routing`)."""
         call = self.routed
         if call is None:
             raise RuntimeError("comfyui-loratorio: a routed row arrived without a routing map")
-        for group in layer.low_rank:
+        for index, group in enumerate(layer.low_rank):
             rank = group.down.shape[1]
             channels = slice(group.start, group.start + group.size)
             if self.conv and x.ndim == 4:
@@ -389,8 +426,10 @@ class RowLoRAHook:
                 hidden = hidden * conv_gate(call, hidden.shape, group.adapters, x.dtype, rank)
                 output[:, channels].add_(torch.einsum("bkhw,ok->bohw", hidden, group.joined_up).to(output.dtype))
             elif not self.conv:
-                gate = token_gate(call, self.name, x, group.adapters, rank)
-                hidden = x.reshape(-1, x.shape[-1]).mm(group.joined_down_t) * gate.reshape(-1, gate.shape[-1])
+                hidden = None if self.shared is None else self.shared.hidden(self.name, index, x, source)
+                if hidden is None:
+                    gate = token_gate(call, self.name, x, group.adapters, rank)
+                    hidden = x.reshape(-1, x.shape[-1]).mm(group.joined_down_t) * gate.reshape(-1, gate.shape[-1])
                 if group.size == output.shape[-1] and output.is_contiguous() and output.dtype == hidden.dtype:
                     output.view(-1, group.size).addmm_(hidden, group.joined_up_t)
                 else:
@@ -468,11 +507,15 @@ def row_loras_installed(
     removed; with routed rows, the cross-attentions' per-query text keys and values too."""
     routers = cross_attention_routers(diffusion_model, layers, plan, routed) if routed is not None else []
     per_query = {name for router in routers for name in router.text_layers.values()}
+    products = {}
+    if routed is not None and len(plan.routed) == 1:  # one run of routed rows: one product per set of siblings
+        products = {siblings: SharedInputProduct(siblings, layers, routed) for siblings in set(layers.siblings.values())}
     handles = []
     try:
         for name, path in layers.paths.items():
             module = submodule(diffusion_model, path)
-            hook = RowLoRAHook(module, name, layers, plan, routed, routed_elsewhere=name in per_query)
+            shared = products.get(layers.siblings.get(name))
+            hook = RowLoRAHook(module, name, layers, plan, routed, routed_elsewhere=name in per_query, shared=shared)
             handles.append(module.register_forward_hook(hook))
         for router in routers:  # after the layers' own hooks, so that the queries it keeps have their deltas
             handles += router.install()

@@ -156,6 +156,61 @@ def test_each_image_query_attends_through_its_own_loras_text_keys(engine, tiny_m
     assert not torch.allclose(half, first, atol=1e-3) and not torch.allclose(half, second, atol=1e-3)
 
 
+class MatrixProducts(TorchFunctionMode):
+    """Counts ``Tensor.mm`` calls (a routed row's linear layer makes one to its joined down-projections)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.Tensor.mm
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_self_attentions_q_k_v_share_one_routed_product(engine, tiny_model_factory, loras_folder):
+    """A routed row's to_q, to_k and to_v of a self-attention take their deltas from one product of
+    their joined down-projections, stored once (the layers' own stacks view it), and give what each
+    computes alone; a to_k and to_v handed another input (an attn1 patch's context) compute their own."""
+    from comfyui_loratorio.loratorio_comfy.token_routing import RoutedCall, token_grids
+
+    patcher = tiny_model_factory("sd15")
+    files = [write_lora(loras_folder / f"siblings{i}.safetensors", "sd15", patcher.model, "kohya", seed=80 + i) for i in range(2)]
+    layers = engine.adapter_set.AdapterSet(patcher, [(f.name, 1.0) for f in files]).row_layers
+    alone = engine.row_lora.RowLayers(layers.layers)
+    alone.siblings = {}
+    name = next(n.rsplit(".", 1)[0] for n in layers.layers if n.endswith("attn1.to_q"))
+    siblings = layers.siblings[f"{name}.to_q"]
+    assert siblings == tuple(f"{name}.{projection}" for projection in ("to_q", "to_k", "to_v"))
+    joined = layers.joined_down(siblings, device(), torch.float32)
+    for sibling in siblings:
+        down = layers.on(sibling, device(), torch.float32).low_rank[0].down
+        assert down.untyped_storage().data_ptr() == joined.transposed.untyped_storage().data_ptr()
+
+    diffusion_model = patcher.model.diffusion_model
+    attention = diffusion_model.get_submodule(name)
+    generator = torch.Generator().manual_seed(6)
+    routing = torch.softmax(torch.randn(1, 2, 16, 16, generator=generator), dim=1).to(device())
+    x, other = (torch.randn(2, 256, attention.to_q.in_features, generator=generator).to(device()) for _ in range(2))
+    comfy.model_management.load_models_gpu([patcher])
+    for context, products_saved in ((None, 2), (other, 0)):
+        outputs, products = [], []
+        for row_layers in (layers, alone):
+            plan = row_layers.plan((-2, -1), x.device)
+            call = RoutedCall(routing, *token_grids(diffusion_model, 16, 16))
+            with (
+                torch.no_grad(),
+                MatrixProducts() as counter,
+                engine.row_lora.row_loras_installed(diffusion_model, row_layers, plan, call),
+            ):
+                outputs.append(attention(x, context=context))
+            products.append(counter.count)
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+        assert products[1] - products[0] == products_saved
+        with torch.no_grad():
+            assert not torch.allclose(outputs[0][0], attention(x, context=context)[0], atol=1e-3)
+
+
 def test_outputs_per_adapter_add_each_adapters_own_delta(engine):
     """The text keys and values of every adapter at once: the base output, then the base plus each
     adapter's ``x @ dW^T``, whether the adapters share one stack (one product), are a reordered or
