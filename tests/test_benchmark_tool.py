@@ -39,3 +39,15 @@ def test_interleaved_whole_runs_count_the_rows_each_method_needs(tmp_path):
         "single pass, 1 full step, no refresh": 2.0,
     }
     assert all(float(cells[4]) > 0 for cells in table.values())
+
+
+def test_dispatch_counts_compare_each_method_with_ksampler(tmp_path):
+    cmd = [sys.executable, str(PACK_DIR / "tools" / "benchmark.py"), "--dispatch", "--models", "small", "--adapters", "2",
+           "--out", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ), cwd=PACK_DIR)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line.split(" | ") for line in (tmp_path / "dispatch.md").read_text().splitlines()[2:]]
+    calls = {cells[2]: float(cells[3]) for cells in rows}
+    assert calls["merge"] == calls["ksampler"], "merged weights: KSampler's own forward, call for call"
+    assert calls["ksampler"] < calls["switch"] < calls["composite"] < calls["loratorio"]
+    assert calls["ksampler"] < calls["single pass (a routed step)"] < calls["loratorio"]

@@ -22,6 +22,9 @@ follows an untimed short one of the same method, so ComfyUI's weight patching wh
 between the merged and the base model is not counted. The median of ``--repeats`` rounds and
 their range are printed, with each method's rows against KSampler's.
 
+``--dispatch`` counts, instead of timing, the torch calls a warm step makes per method against
+KSampler (:mod:`dispatch_count`): what a GPU that outruns Python pays for, exact on any machine.
+
 Per-step time is ``(T(steps_long) - T(steps_short)) / (steps_long - steps_short)`` of whole
 sampling runs, so set-up costs cancel; each figure is the median of ``--repeats`` runs. Peak
 memory is the process RSS above its level before the run (CPU) or ``max_memory_allocated``
@@ -74,6 +77,7 @@ MODELS = {
     # SDXL's depth at a tenth of its width on an 8x8 latent: next to no arithmetic, so a step costs
     # what its Python and kernel dispatch cost, as on a GPU that outruns the CPU (an H200 at 1024x1024)
     "sdxl-dispatch": ("sdxl", {**SDXL_FULL, "model_channels": 32}, 8),
+    "sd15-dispatch": ("sd15", {**SD15_FULL, "model_channels": 32}, 8),  # the same for SD1.5's depth
 }  # fmt: skip
 
 
@@ -555,6 +559,11 @@ def main() -> int:
     )
     parser.add_argument("--layer-threads", type=int, default=1, help="--per-layer torch threads")
     parser.add_argument(
+        "--dispatch",
+        action="store_true",
+        help="count the torch calls of a warm step per method against KSampler instead (tools/dispatch_count.py)",
+    )
+    parser.add_argument(
         "--interleaved",
         type=parse_schedules,
         help="time warm whole runs interleaved with KSampler instead, single pass at these full_steps:refresh_every "
@@ -584,6 +593,14 @@ def main() -> int:
         "rank": options.rank,
         "torch": torch.__version__,
     }
+    if options.dispatch:
+        import dispatch_count
+
+        lines = dispatch_count.run(lambda model: Bench(model, options, options.out), options.models, options.adapters)
+        (options.out / "dispatch.md").write_text("\n".join(lines) + "\n")
+        print(f"\nwrote {options.out / 'dispatch.md'}\n")
+        print("\n".join(lines))
+        return 0
     if options.interleaved is not None:
         table = interleaved_whole_runs(options, meta, (options.out / "interleaved.md").write_text)
         print(f"\nwrote {options.out / 'interleaved.md'}\n")
