@@ -129,6 +129,35 @@ def test_toy_demo_composes_the_trained_concepts_and_loratorio_shows_them(tmp_pat
     assert_sane_image(tmp_path / "comparison.png")
 
 
+def test_the_demo_says_what_each_image_and_method_shows():
+    import toy_demo
+
+    def image(found: list[str], by_colour: list[str], asked=("cobalt-square", "lemon-stripe")) -> toy_demo.ImageResult:
+        return toy_demo.ImageResult("loratorio", 1, list(asked), found, by_colour, set(asked) <= set(found), "x.png", None)
+
+    assert toy_demo.verdict_of(image(["cobalt-square", "lemon-stripe"], ["cobalt-square", "lemon-stripe"])) == (
+        "all found", toy_demo.GOOD
+    )
+    ragged = image(["cobalt-square"], ["cobalt-square", "lemon-stripe"])
+    assert toy_demo.verdict_of(ragged) == ("1 of 2 found", toy_demo.COLOUR_ONLY)
+    assert toy_demo.verdict_of(image(["cobalt-square"], ["cobalt-square"])) == ("1 of 2 found", toy_demo.BAD)
+    extra = image(["cobalt-square", "lemon-stripe", "ruby-disk"], ["cobalt-square", "lemon-stripe", "ruby-disk"])
+    assert toy_demo.verdict_of(extra) == ("all found, also ruby", toy_demo.EXTRA)
+
+    summary = {
+        "methods": {
+            "lora-merge-baseline": {"images": 8, "all_found": 0, "recall": 0.17, "colour_recall": 0.48},
+            "lora-switch": {"images": 8, "all_found": 0, "recall": 0.0, "colour_recall": 0.2},
+            "loratorio": {"images": 8, "all_found": 0, "recall": 0.54, "colour_recall": 0.85},
+        }
+    }
+    lines = toy_demo.summary_lines(summary)
+    assert lines[0].startswith("asked concepts the detector found, 8 images per method")
+    assert [line.split()[0] for line in lines[1:4]] == ["loratorio", "lora-merge-baseline", "lora-switch"]
+    assert lines[1].split()[1:] == ["54%", "85%"]
+    assert lines[-1].startswith("loratorio shows 54% of the asked concepts, lora-merge-baseline") and "17%" in lines[-1]
+
+
 def load_toy_nodes():
     spec = importlib.util.spec_from_file_location("loratorio_toy_world", TOY_NODES / "__init__.py")
     module = importlib.util.module_from_spec(spec)

@@ -198,11 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         results = toy_demo.score(done, options.combination, options.seed, options.out)
         sheet = toy_demo.comparison_sheet(results, options.seed, options.out, options.out / "comparison.png")
         summary = toy_demo.write_summary(results, options.out / "summary.json")
-        for method, counts in summary["methods"].items():
-            print(
-                f"[demo] {method:<24} asked concepts found: {counts['recall']:.0%} ({counts['colour_recall']:.0%} by colour "
-                f"alone); all of them in {counts['all_found']} of {counts['images']} images"
-            )
+        for line in toy_demo.summary_lines(summary):
+            print(f"[demo] {line}")
         print(f"[demo] summary: {options.out / 'summary.json'}")
     else:
         sheet = comparison_sheet(done, options.seed, options.out / "comparison.png")

@@ -106,11 +106,21 @@ def draw_verdict(draw: ImageDraw.ImageDraw, left: int, top: int, result: ImageRe
         colour = GOOD if concept in result.found else COLOUR_ONLY if concept in result.found_by_colour else BAD
         draw.text((x, top), word, fill=colour)
         x += round(draw.textlength(word)) + 6
-    extra = [TRIGGERS[c] for c in result.found if c not in result.concepts]
-    hits = len(set(result.concepts) & set(result.found))
-    verdict = "all found" if result.all_found else f"{hits} of {len(result.concepts)} found"
-    colour = BAD if not result.all_found else EXTRA if extra else GOOD
-    draw.text((left + 2, top + 13), verdict + (f", also {' '.join(extra)}" if extra else ""), fill=colour)
+    verdict, colour = verdict_of(result)
+    draw.text((left + 2, top + 13), verdict, fill=colour)
+
+
+def verdict_of(result: ImageResult) -> tuple[str, tuple[int, int, int]]:
+    """The line under an image and its colour: green when every asked concept is found, yellow when
+    the rest show by colour alone (a ragged shape; the trigger words above say which), red when one
+    is missing, orange when a concept not asked for shows too."""
+    asked = set(result.concepts)
+    hits = len(asked & set(result.found))
+    missing = asked - set(result.found_by_colour)
+    extra = [TRIGGERS[c] for c in result.found if c not in asked]
+    verdict = "all found" if result.all_found else f"{hits} of {len(asked)} found"
+    colour = BAD if missing else EXTRA if extra else GOOD if result.all_found else COLOUR_ONLY
+    return verdict + (f", also {' '.join(extra)}" if extra else ""), colour
 
 
 def comparison_sheet(results: list[ImageResult], seeds: list[int], out: Path, target: Path) -> Path:
@@ -166,6 +176,24 @@ def recall(results: list[ImageResult], by_colour: bool = False) -> float:
         return 0.0
     found = [set(r.found_by_colour if by_colour else r.found) for r in results]
     return sum(len(set(r.concepts) & f) / len(r.concepts) for r, f in zip(results, found, strict=True)) / len(results)
+
+
+def summary_lines(summary: dict, baseline: str = "lora-merge-baseline") -> list[str]:
+    """The demo's closing lines: the methods ranked by the share of asked concepts the detector found
+    (with their shape, and by colour alone), then the best against LoRA Merge, the usual way to
+    stack LoRAs."""
+    methods = sorted(summary["methods"].items(), key=lambda item: -item[1]["recall"])
+    images = max(counts["images"] for _, counts in methods)
+    lines = [f"asked concepts the detector found, {images} images per method (with their shape, by colour alone):"]
+    lines += [f"  {method:<24} {counts['recall']:>4.0%} {counts['colour_recall']:>5.0%}" for method, counts in methods]
+    best, best_counts = methods[0]
+    merged = summary["methods"].get(baseline)
+    if merged is not None and best != baseline:
+        lines.append(
+            f"{best} shows {best_counts['recall']:.0%} of the asked concepts, {baseline} (the LoRAs merged into the "
+            f"model, the usual way) {merged['recall']:.0%}"
+        )
+    return lines
 
 
 def write_summary(results: list[ImageResult], target: Path) -> dict:
