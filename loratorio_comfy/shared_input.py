@@ -59,7 +59,9 @@ def shared_input_siblings(layers: Mapping[str, LayerDeltas]) -> dict[str, tuple[
     return siblings
 
 
-def join_downs(siblings: tuple[str, ...], layers: Mapping[str, LayerDeltas], device, dtype) -> JoinedDown:
+def join_downs(
+    siblings: tuple[str, ...], layers: Mapping[str, LayerDeltas], device: torch.device, dtype: torch.dtype
+) -> JoinedDown:
     """The siblings' down-projections (each group's ``[n * R, in]``), one after another in one buffer
     on ``device`` in ``dtype``; ``JoinedDown.transposed`` is that buffer transposed (a view)."""
     pieces, columns, gate_key, start = [], {}, [], 0

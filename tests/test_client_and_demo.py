@@ -136,7 +136,8 @@ def test_the_demo_says_what_each_image_and_method_shows():
         return toy_demo.ImageResult("loratorio", 1, list(asked), found, by_colour, set(asked) <= set(found), "x.png", None)
 
     assert toy_demo.verdict_of(image(["cobalt-square", "lemon-stripe"], ["cobalt-square", "lemon-stripe"])) == (
-        "all found", toy_demo.GOOD
+        "all found",
+        toy_demo.GOOD,
     )
     ragged = image(["cobalt-square"], ["cobalt-square", "lemon-stripe"])
     assert toy_demo.verdict_of(ragged) == ("1 of 2 found", toy_demo.COLOUR_ONLY)

@@ -8,7 +8,8 @@ as long as its calls take to dispatch, so this count predicts the wall time wher
 slower machine cannot. It is exact and machine-independent: it counts calls, it times nothing.
 
 Counted: every torch function or tensor method called during the step, except those that only
-make a view or read metadata (``VIEWS``). A step's count is ``(count(5 steps) - count(3 steps)) /
+make a view, allocate or read metadata (``VIEWS``; ``to`` too, a no-op for tensors already in
+place, as in a warm step). A step's count is ``(count(5 steps) - count(3 steps)) /
 2``, so set-up cancels; single pass runs 1 full step first, so its figure is a routed step's.
 """
 
