@@ -35,8 +35,10 @@ def run_testbed(*args: str, timeout: float = 600) -> subprocess.CompletedProcess
 
 
 def manifest(out: Path) -> list[dict]:
+    """The finished images' entries (while a run writes, a line not yet ended is left out)."""
     path = out / "manifest.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    lines = path.read_text().split("\n")[:-1] if path.is_file() else []
+    return [json.loads(line) for line in lines]
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
@@ -202,7 +204,9 @@ def test_one_command_with_two_local_servers_interrupted_then_resumed_redoes_no_f
     process = subprocess.Popen([*TESTBED, *common, "--local-servers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, cwd=PACK_DIR)  # fmt: skip
     try:
-        wait_for(lambda: len(manifest(out)) >= 4, 240, "four finished images")
+        # both servers at work before Ctrl-C (under load the second can start well after the first)
+        wait_for(lambda: len(manifest(out)) >= 4 and len({e["server"] for e in manifest(out)}) == 2, 240,
+                 "four finished images, from both servers")  # fmt: skip
         process.send_signal(signal.SIGINT)  # Ctrl-C
         _, stderr = process.communicate(timeout=90)
     finally:
