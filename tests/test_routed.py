@@ -205,7 +205,8 @@ def test_a_self_attentions_q_k_v_share_one_routed_product(engine, tiny_model_fac
             ):
                 outputs.append(attention(x, context=context))
             products.append(counter.count)
-        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+        tolerance = batch_tolerance()  # one product of a wider matrix: on a GPU, another GEMM kernel
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=tolerance, atol=tolerance * outputs[1].abs().max().item())
         assert products[1] - products[0] == products_saved
         with torch.no_grad():
             assert not torch.allclose(outputs[0][0], attention(x, context=context)[0], atol=1e-3)

@@ -9,8 +9,8 @@ slower machine cannot. It is exact and machine-independent: it counts calls, it 
 
 Counted: every torch function or tensor method called during the step, except those that only
 make a view, allocate or read metadata (``VIEWS``; ``to`` too, a no-op for tensors already in
-place, as in a warm step). A step's count is ``(count(5 steps) - count(3 steps)) /
-2``, so set-up cancels; single pass runs 1 full step first, so its figure is a routed step's.
+place, as in a warm step). A step's count is ``(count(5 steps) - count(3 steps)) / 2``, so set-up
+cancels; single pass runs 1 full step first, so its figure is a routed step's.
 """
 
 from __future__ import annotations
