@@ -156,23 +156,12 @@ def test_each_image_query_attends_through_its_own_loras_text_keys(engine, tiny_m
     assert not torch.allclose(half, first, atol=1e-3) and not torch.allclose(half, second, atol=1e-3)
 
 
-class MatrixProducts(TorchFunctionMode):
-    """Counts ``Tensor.mm`` calls (a routed row's linear layer makes one to its joined down-projections)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.Tensor.mm
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_self_attentions_q_k_v_share_one_routed_product(engine, tiny_model_factory, loras_folder):
     """A routed row's to_q, to_k and to_v of a self-attention take their deltas from one product of
     their joined down-projections, stored once (the layers' own stacks view it), and give what each
     computes alone; a to_k and to_v handed another input (an attn1 patch's context) compute their own."""
     from comfyui_loratorio.loratorio_comfy.token_routing import RoutedCall, token_grids
+    from dispatch_count import ComputeCalls  # a routed row's linear layer makes one `mm` to its joined down-projections
 
     patcher = tiny_model_factory("sd15")
     files = [write_lora(loras_folder / f"siblings{i}.safetensors", "sd15", patcher.model, "kohya", seed=80 + i) for i in range(2)]
@@ -200,11 +189,11 @@ def test_a_self_attentions_q_k_v_share_one_routed_product(engine, tiny_model_fac
             call = RoutedCall(routing, *token_grids(diffusion_model, 16, 16))
             with (
                 torch.no_grad(),
-                MatrixProducts() as counter,
+                ComputeCalls() as counter,
                 engine.row_lora.row_loras_installed(diffusion_model, row_layers, plan, call),
             ):
                 outputs.append(attention(x, context=context))
-            products.append(counter.count)
+            products.append(counter.calls["mm"])
         tolerance = batch_tolerance()  # one product of a wider matrix: on a GPU, another GEMM kernel
         torch.testing.assert_close(outputs[0], outputs[1], rtol=tolerance, atol=tolerance * outputs[1].abs().max().item())
         assert products[1] - products[0] == products_saved
