@@ -284,6 +284,7 @@ class RowLayers:
         self.layers = layers
         self.paths = {name: tuple(name.split(".")) for name in layers}
         self.siblings = shared_input_siblings(layers)
+        self.sibling_sets = tuple(dict.fromkeys(self.siblings.values()))  # each set of siblings once
         self._cast: dict[tuple[str, torch.device, torch.dtype], LayerDeltas] = {}
         self._joined: dict[tuple[tuple[str, ...], torch.device, torch.dtype], JoinedDown] = {}
         self._plans: dict[tuple[tuple[int, ...], torch.device], RowPlan] = {}
@@ -509,7 +510,7 @@ def row_loras_installed(
     per_query = {name for router in routers for name in router.text_layers.values()}
     products = {}
     if routed is not None and len(plan.routed) == 1:  # one run of routed rows: one product per set of siblings
-        products = {siblings: SharedInputProduct(siblings, layers, routed) for siblings in set(layers.siblings.values())}
+        products = {siblings: SharedInputProduct(siblings, layers, routed) for siblings in layers.sibling_sets}
     handles = []
     try:
         for name, path in layers.paths.items():

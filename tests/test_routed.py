@@ -167,7 +167,7 @@ def test_a_self_attentions_q_k_v_share_one_routed_product(engine, tiny_model_fac
     files = [write_lora(loras_folder / f"siblings{i}.safetensors", "sd15", patcher.model, "kohya", seed=80 + i) for i in range(2)]
     layers = engine.adapter_set.AdapterSet(patcher, [(f.name, 1.0) for f in files]).row_layers
     alone = engine.row_lora.RowLayers(layers.layers)
-    alone.siblings = {}
+    alone.siblings, alone.sibling_sets = {}, ()
     name = next(n.rsplit(".", 1)[0] for n in layers.layers if n.endswith("attn1.to_q"))
     siblings = layers.siblings[f"{name}.to_q"]
     assert siblings == tuple(f"{name}.{projection}" for projection in ("to_q", "to_k", "to_v"))
