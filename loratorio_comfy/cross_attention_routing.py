@@ -80,7 +80,7 @@ class CrossAttentionRouter:
     def _routed(self, tensor: torch.Tensor) -> torch.Tensor:
         runs = self.plan.routed
         pieces = [tensor[start:stop] for start, stop in runs]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # the order of RowPlan.routed_index
 
     def _keeper(self, projection: str):
         def keep(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -88,6 +88,7 @@ class CrossAttentionRouter:
                 self.kept[projection] = self._routed(output)
                 if projection != "q":
                     self.kept[f"{projection}_input"] = self._routed(args[0])
+                    self.kept[f"{projection}_source"] = args[0]
 
         return keep
 
@@ -96,17 +97,29 @@ class CrossAttentionRouter:
         self.kept = {}
         if not self.adapters or attended.shape[0] != self.plan.batch or not all(p in kept for p in ("q", "k", "v")):
             return None
-        keys = self._per_adapter("to_k", kept["k"], kept["k_input"])
-        values = self._per_adapter("to_v", kept["v"], kept["v_input"])
+        keys, values = self._keys_and_values(kept)
         query = kept["q"]
-        weights = token_gate(self.call, f"{self.name}.to_out.0", query, self.adapters)
-        shift = lc.per_query_attention_shift(query, keys, values, weights, self.attention.heads)
-        shifted = attended.clone()
-        offset = 0
-        for start, stop in self.plan.routed:
-            shifted[start:stop] += shift[offset : offset + stop - start].to(shifted.dtype)
-            offset += stop - start
-        return (shifted, *args[1:])
+        coefficients = self.call.derived(
+            ("attention shift", tuple(query.shape[:-1]), self.adapters, query.dtype),
+            lambda: lc.attention_shift_coefficients(token_gate(self.call, f"{self.name}.to_out.0", query, self.adapters)),
+        )
+        shift = lc.per_query_attention_shift(query, keys, values, coefficients, self.attention.heads)
+        return (attended.index_add(0, self.plan.routed_index, shift.to(attended.dtype)), *args[1:])
+
+    def _keys_and_values(self, kept: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[1 + n, R, L, C]`` each: the base keys (values), then each routed adapter's. When ``to_k``
+        and ``to_v`` read the same text, one product of their joined down-projections serves both."""
+        k_name, v_name = self.text_layers.get("to_k"), self.text_layers.get("to_v")
+        text = kept["k_input"]
+        if self.layers.siblings.get(k_name) == (k_name, v_name) and kept["k_source"] is kept["v_source"]:
+            k_layer, v_layer = (self.layers.on(name, text.device, text.dtype) for name in (k_name, v_name))
+            if k_layer.whole_stack(self.adapters, kept["k"]) and v_layer.whole_stack(self.adapters, kept["v"]):
+                joined = self.layers.joined_down((k_name, v_name), text.device, text.dtype)
+                hidden = text.reshape(-1, text.shape[-1]).mm(joined.transposed)
+                k_hidden, v_hidden = (hidden[:, slice(*joined.columns[(name, 0)])] for name in (k_name, v_name))
+                keys = k_layer.outputs_per_adapter(text, self.adapters, kept["k"], k_hidden)
+                return keys, v_layer.outputs_per_adapter(text, self.adapters, kept["v"], v_hidden)
+        return self._per_adapter("to_k", kept["k"], text), self._per_adapter("to_v", kept["v"], kept["v_input"])
 
     def _per_adapter(self, projection: str, base: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """``[1 + n, R, L, C]``: the base keys (or values), then each routed adapter's."""

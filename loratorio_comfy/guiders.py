@@ -22,7 +22,17 @@ import torch
 
 from .. import loratorio_core as lc
 from .adapter_set import AdapterSet
-from .row_lora import BASE_ROW, COND, ROUTED_ROW, ROW_MAP_KEY, UNCOND, apply_model_with_rows, row_layers_registered, set_routing
+from .row_lora import (
+    BASE_ROW,
+    COND,
+    ROUTED_ROW,
+    ROW_MAP_KEY,
+    UNCOND,
+    apply_model_with_rows,
+    batching_order,
+    row_layers_registered,
+    set_routing,
+)
 
 WRAPPER_KEY = "loratorio"
 POSITIVE, NEGATIVE = "positive", "negative"
@@ -157,16 +167,19 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
         self, rows: list[tuple[str, int]], x: torch.Tensor, timestep: torch.Tensor, model_options: dict
     ) -> list[torch.Tensor]:
         """Denoised predictions for ``(cond list name, adapter index or BASE_ROW)`` rows, one batch."""
+        order = batching_order([adapter for _, adapter in rows])
+        handed = [rows[i] for i in order]
         options = model_options.copy()
         transformer_options = dict(options.get("transformer_options", {}))
         transformer_options[ROW_MAP_KEY] = {
             "run": self._run_id,
-            "rows": tuple(adapter for _, adapter in rows),
-            "kinds": tuple(COND if name == POSITIVE else UNCOND for name, _ in rows),
+            "rows": tuple(adapter for _, adapter in handed),
+            "kinds": tuple(COND if name == POSITIVE else UNCOND for name, _ in handed),
         }
         options["transformer_options"] = transformer_options
-        conds = [self.conds[name if adapter == BASE_ROW else adapter_cond_name(name, adapter)] for name, adapter in rows]
-        return comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, options)
+        conds = [self.conds[name if adapter == BASE_ROW else adapter_cond_name(name, adapter)] for name, adapter in handed]
+        out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, options)
+        return [out[order.index(i)] for i in range(len(rows))]
 
     def guide(self, cond: torch.Tensor, uncond: torch.Tensor | None, x, timestep, model_options) -> torch.Tensor:
         """CFG as ComfyUI's ``sampling_function`` finishes it: pre-CFG patches (APG, TCFG, ...) on

@@ -141,17 +141,30 @@ class LayerDeltas:
         """The adapters with a delta on this layer."""
         return {a for group in self.low_rank for a in group.adapters} | set(self.dense)
 
-    def outputs_per_adapter(self, x: torch.Tensor, adapters: tuple[int, ...], base: torch.Tensor) -> torch.Tensor:
-        """``[1 + n, *base.shape]``: a linear layer's base output ``base = f(x; W0, b0)``, then ``base +
-        f(x; dW_a)`` for each of ``adapters`` (``base`` again for one without a delta here)."""
-        count, out_features = len(adapters), base.shape[-1]
+    def whole_stack(self, adapters: tuple[int, ...], base: torch.Tensor) -> LowRankGroup | None:
+        """This layer's one stack when it holds exactly ``adapters``, in order, over every output
+        channel of ``base`` (its output), with nothing else on the layer; else None."""
         whole = self.low_rank[0] if len(self.low_rank) == 1 and not self.dense else None
-        if whole is not None and whole.adapters == adapters and whole.size == out_features and base.dtype == x.dtype:
+        if whole is not None and whole.adapters == adapters and whole.size == base.shape[-1]:
+            return whole
+        return None
+
+    def outputs_per_adapter(
+        self, x: torch.Tensor, adapters: tuple[int, ...], base: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[1 + n, *base.shape]``: a linear layer's base output ``base = f(x; W0, b0)``, then ``base +
+        f(x; dW_a)`` for each of ``adapters`` (``base`` again for one without a delta here).
+        ``hidden``: ``x @`` the :meth:`whole_stack`'s joined down-projections, made already."""
+        count, out_features = len(adapters), base.shape[-1]
+        whole = self.whole_stack(adapters, base)
+        if whole is not None and base.dtype == x.dtype:
             # every adapter in one stack, in order: one product for all of them, added onto the base output
             outputs = base.new_empty(count + 1, *base.shape)
             outputs[0] = base
             rank = whole.down.shape[1]
-            hidden = x.reshape(-1, x.shape[-1]).mm(whole.joined_down_t).view(-1, count, rank).transpose(0, 1)
+            if hidden is None:
+                hidden = x.reshape(-1, x.shape[-1]).mm(whole.joined_down_t)
+            hidden = hidden.view(-1, count, rank).transpose(0, 1)
             flat_base = base.reshape(1, -1, out_features).expand(count, -1, -1)
             torch.baddbmm(flat_base, hidden, whole.transposed(0, count)[1], out=outputs[1:].view(count, -1, out_features))
             return outputs
@@ -213,15 +226,20 @@ def _cast(tensor: torch.Tensor | None, device: torch.device, dtype: torch.dtype)
 
 
 class RowSegment(NamedTuple):
-    """A run of consecutive rows ``start:stop`` that a :class:`LowRankGroup` serves. ``index`` picks
-    each row's factors from the group's stacks: a slice when the run holds the group's adapters in
-    stack order (the stacks are viewed, not gathered). ``shared``: every row of the run carries the
-    same adapter (``index`` is its one-adapter slice), so one product serves all their tokens."""
+    """A run of consecutive rows ``start:stop`` that a :class:`LowRankGroup` serves, made of blocks of
+    ``repeat`` consecutive rows that carry the same adapter. ``index`` picks each block's factors
+    from the group's stacks: a slice when the blocks hold the group's adapters in stack order (the
+    stacks are viewed, not gathered). One product per block serves all its rows' tokens, so a run
+    ordered adapter by adapter (cond and uncond of each together) costs two batched products."""
 
     start: int
     stop: int
     index: slice | torch.Tensor
-    shared: bool
+    repeat: int
+
+    @property
+    def blocks(self) -> int:
+        return (self.stop - self.start) // self.repeat
 
 
 @dataclass(frozen=True)
@@ -245,6 +263,12 @@ class RowPlan:
     def batch(self) -> int:
         return len(self.rows)
 
+    @functools.cached_property
+    def routed_index(self) -> torch.Tensor:
+        """The routed rows' indices on the device, run after run."""
+        rows = [i for start, stop in self.routed for i in range(start, stop)]
+        return torch.tensor(rows, dtype=torch.long).to(self.device)
+
     def group_rows(self, adapters: tuple[int, ...]) -> GroupRows:
         cached = self._groups.get(adapters)
         if cached is None:
@@ -257,9 +281,8 @@ class RowPlan:
         segments = []
         for start, stop, _ in runs_of(served):
             positions = tuple(position[self.rows[i]] for i in range(start, stop))
-            shared = len(set(positions)) == 1
-            index = device_index(positions[:1] if shared else positions, self.device)
-            segments.append(RowSegment(start, stop, index, shared))
+            repeat = block_length(positions)
+            segments.append(RowSegment(start, stop, device_index(positions[::repeat], self.device), repeat))
         return GroupRows(tuple(segments))
 
     def members(self, adapter: int) -> torch.Tensor | None:
@@ -425,7 +448,7 @@ class RowLoRAHook:
             if self.conv and x.ndim == 4:
                 hidden = self.conv_nd(x, group.joined_down, **self.conv_args)
                 hidden = hidden * conv_gate(call, hidden.shape, group.adapters, x.dtype, rank)
-                output[:, channels].add_(torch.einsum("bkhw,ok->bohw", hidden, group.joined_up).to(output.dtype))
+                add_channel_product(output, hidden, group.joined_up, channels)
             elif not self.conv:
                 hidden = None if self.shared is None else self.shared.hidden(self.name, index, x, source)
                 if hidden is None:
@@ -456,14 +479,15 @@ class RowLoRAHook:
     def _add_low_rank(self, x: torch.Tensor, output: torch.Tensor, group: LowRankGroup, rows: GroupRows) -> None:
         """``output[rows, slice] += f(x[rows]; up @ down)`` per run of rows, accumulated in place."""
         channels = slice(group.start, group.start + group.size)
-        for start, stop, index, shared in rows.segments:
+        for segment in rows.segments:
+            start, stop, index = segment.start, segment.stop, segment.index
             whole_batch = start == 0 and stop == x.shape[0]
             x_rows = x if whole_batch else x[start:stop]
             out_rows = output if whole_batch else output[start:stop]
             if self.conv:
-                self._add_low_rank_conv(x_rows, out_rows, group, index, shared, channels)
+                self._add_low_rank_conv(x_rows, out_rows, group, segment, channels)
                 continue
-            count = 1 if shared else stop - start  # one adapter on every row: one product over all of them
+            count = segment.blocks  # a block's rows carry one adapter: one product over all their tokens
             if isinstance(index, slice):
                 down_t, up_t = group.transposed(index.start, index.stop)
             else:
@@ -476,28 +500,31 @@ class RowLoRAHook:
                 out_rows[..., channels].add_(delta.to(output.dtype))
 
     def _add_low_rank_conv(
-        self,
-        x_rows: torch.Tensor,
-        out_rows: torch.Tensor,
-        group: LowRankGroup,
-        index: slice | torch.Tensor,
-        shared: bool,
-        channels: slice,
+        self, x_rows: torch.Tensor, out_rows: torch.Tensor, group: LowRankGroup, segment: RowSegment, channels: slice
     ) -> None:
-        down, up = group.down[index], group.up[index]
-        if shared:
+        down, up = group.down[segment.index], group.up[segment.index]
+        count, repeat = segment.blocks, segment.repeat
+        if count == 1:
             hidden = self.conv_nd(x_rows, down[0], **self.conv_args)
-            out_rows[:, channels].add_(torch.einsum("br...,or->bo...", hidden, up[0]).to(out_rows.dtype))
+            add_channel_product(out_rows, hidden, up[0], channels)
             return
-        count = x_rows.shape[0]
-        hidden = self.conv_nd(
-            x_rows.reshape(1, count * x_rows.shape[1], *x_rows.shape[2:]),
-            down.reshape(count * down.shape[1], *down.shape[2:]),
-            groups=count,
-            **self.conv_args,
-        )
-        hidden = hidden.reshape(count, down.shape[1], *hidden.shape[2:])
-        out_rows[:, channels].add_(torch.einsum("br...,bor->bo...", hidden, up).to(out_rows.dtype))
+        # the blocks side by side as channel groups: [repeat, count * C, ...], one grouped convolution
+        grouped = x_rows.unflatten(0, (count, repeat)).transpose(0, 1).reshape(repeat, -1, *x_rows.shape[2:])
+        hidden = self.conv_nd(grouped, down.reshape(-1, *down.shape[2:]), groups=count, **self.conv_args)
+        hidden = hidden.unflatten(1, (count, down.shape[1]))
+        delta = torch.einsum("kbr...,bor->bko...", hidden, up).to(out_rows.dtype)
+        out_rows[:, channels].unflatten(0, (count, repeat)).add_(delta)
+
+
+def add_channel_product(output: torch.Tensor, hidden: torch.Tensor, up: torch.Tensor, channels: slice) -> None:
+    """``output[:, channels] += up @ hidden`` at every position of a convolution's output
+    ``[B, C, ...]``, with ``hidden [B, K, ...]`` and ``up [size, K]``: in place, one batched product
+    when the delta covers every channel."""
+    batch, width = output.shape[0], output.shape[1]
+    if up.shape[0] == width and output.is_contiguous() and output.dtype == hidden.dtype:
+        output.view(batch, width, -1).baddbmm_(up.expand(batch, -1, -1), hidden.reshape(batch, up.shape[1], -1))
+    else:
+        output[:, channels].add_(torch.einsum("bk...,ok->bo...", hidden, up).to(output.dtype))
 
 
 @contextlib.contextmanager
@@ -533,6 +560,20 @@ def rows_for_forward(row_map: Sequence[int], cond_or_uncond: Sequence[int], batc
         raise RuntimeError(f"comfyui-loratorio: a forward of {batch} rows cannot hold {chunks} equal chunks")
     per_chunk = batch // chunks
     return tuple(row_map[i] for i in cond_or_uncond for _ in range(per_chunk))
+
+
+def batching_order(adapters: Sequence[int]) -> list[int]:
+    """The order in which to hand ``calc_cond_batch`` rows carrying ``adapters`` (list positions) so
+    that a forward holds them adapter by adapter in stack order, base rows first: each adapter's
+    rows then form one block of a stack-ordered run (see :class:`RowSegment`). ComfyUI batches the
+    lists it is given last first (0.3.75 to 0.33); any other order costs calls, not correctness."""
+    return sorted(range(len(adapters)), key=lambda i: adapters[i])[::-1]
+
+
+def block_length(positions: Sequence[int]) -> int:
+    """The length ``k`` when ``positions`` is runs of ``k`` equal values (``0, 0, 1, 1`` -> 2), else 1."""
+    blocks = {len(list(block)) for _, block in itertools.groupby(positions)}
+    return blocks.pop() if len(blocks) == 1 else 1
 
 
 def runs_of(active: list[int]) -> tuple[tuple[int, int, int], ...]:

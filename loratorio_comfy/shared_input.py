@@ -1,17 +1,20 @@
 """One product for the routed rows of layers that take the same input: a self-attention's ``to_q``,
-``to_k`` and ``to_v``.
+``to_k`` and ``to_v`` (the image tokens), a cross-attention's ``to_k`` and ``to_v`` (the text).
 
 A routed row's linear layer adds ``((x @ D^T) * gate) @ U^T`` (:mod:`.token_routing`), where ``D``
 joins every adapter's down-projection. For siblings that read the same ``x``, the first of them
 computes ``(x @ [D_q; D_k; D_v]^T) * [gate_q gate_k gate_v]`` once and each takes its own columns:
 one matrix product and one multiplication instead of three of each. On a GPU that outruns Python,
 every kernel launch saved is time saved. The joined down-projections are one buffer whose rows the
-layers' own stacks view (:meth:`.row_lora.RowLayers.on`), so nothing is stored twice.
+layers' own stacks view (:meth:`.row_lora.RowLayers.on`), so nothing is stored twice. The
+cross-attention's per-query keys and values (:mod:`.cross_attention_routing`) take their one
+ungated product from the same buffer.
 
-Which layers: the UNets' ``attn1`` (``context`` defaults to the image tokens themselves). The
-siblings must also receive the same tensor at run time (an ``attn1`` patch may pass another
-context to ``to_k`` and ``to_v``); a sibling whose input is not the one the product was made from
-computes its own, as without this module.
+Which layers: the UNets' ``attn1`` (``context`` defaults to the image tokens themselves) and
+``attn2``'s ``to_k`` and ``to_v``. The siblings must also receive the same tensor at run time (an
+``attn1`` patch may pass another context to ``to_k`` and ``to_v``, an ``attn2`` patch another
+value to ``to_v``); a sibling whose input is not the one the product was made from computes its
+own, as without this module.
 """
 
 from __future__ import annotations
@@ -26,8 +29,7 @@ from .token_routing import RoutedCall, token_gate
 if TYPE_CHECKING:
     from .row_lora import LayerDeltas, RowLayers
 
-SELF_ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v")
-SELF_ATTENTION_MARKER = ".attn1"
+SIBLING_PROJECTIONS = {".attn1": ("to_q", "to_k", "to_v"), ".attn2": ("to_k", "to_v")}  # by attention
 
 
 class JoinedDown(NamedTuple):
@@ -43,14 +45,15 @@ class JoinedDown(NamedTuple):
 
 def shared_input_siblings(layers: Mapping[str, LayerDeltas]) -> dict[str, tuple[str, ...]]:
     """Each layer that has siblings sharing its input, mapped to all of them (first: the one whose
-    hook runs first, ``to_q``). Every low-rank group of the siblings must be linear with the same
+    hook runs first). Every low-rank group of the siblings must be linear with the same
     input width, and none may hold a dense delta (those keep their own path)."""
     siblings: dict[str, tuple[str, ...]] = {}
     for name in layers:
         parent, _, leaf = name.rpartition(".")
-        if leaf != SELF_ATTENTION_PROJECTIONS[0] or not parent.endswith(SELF_ATTENTION_MARKER):
+        projections = next((p for marker, p in SIBLING_PROJECTIONS.items() if parent.endswith(marker)), None)
+        if projections is None or leaf != projections[0]:
             continue
-        names = tuple(f"{parent}.{projection}" for projection in SELF_ATTENTION_PROJECTIONS)
+        names = tuple(f"{parent}.{projection}" for projection in projections)
         if not all(n in layers and layers[n].low_rank and not layers[n].dense for n in names):
             continue
         downs = [group.down for n in names for group in layers[n].low_rank]

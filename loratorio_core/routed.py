@@ -63,15 +63,23 @@ def mask_routing(regions: Sequence[Region | None], batch: int, height: int, widt
     return region_shares(region_maps(regions, batch, height, width, device)).transpose(0, 1)
 
 
-def per_query_attention_shift(query: Tensor, keys: Tensor, values: Tensor, weights: Tensor, heads: int) -> Tensor:
+def attention_shift_coefficients(weights: Tensor) -> Tensor:
+    """``c [R, T, 1 + n]`` from each image query's routing weights ``w [R, T, n]``: ``c_0 = -sum_i w_i``
+    (the base model's attention), then ``c_i = w_i`` (see :func:`per_query_attention_shift`)."""
+    return torch.cat([-weights.sum(dim=-1, keepdim=True), weights], dim=-1)
+
+
+def per_query_attention_shift(query: Tensor, keys: Tensor, values: Tensor, coefficients: Tensor, heads: int) -> Tensor:
     """What per-query text keys and values add to a routed row's cross-attention output.
 
     ``query [R, T, H*d]`` (the routed row's image queries), ``keys [1 + n, R, L, H*d]`` and
     ``values [1 + n, R, L, H*d]`` (index 0: the base model's ``K_0, V_0``; index ``i``: adapter
-    ``i``'s, ``K_i = K_0 + dK_i``), ``weights [R, T, n]`` (each query's routing weights ``w_i(t)``).
-    With ``Attn`` the scaled dot-product attention over ``heads`` heads::
+    ``i``'s, ``K_i = K_0 + dK_i``), ``coefficients [R, T, 1 + n]`` from each query's routing weights
+    ``w_i(t)`` (:func:`attention_shift_coefficients`). With ``Attn`` the scaled dot-product
+    attention over ``heads`` heads::
 
         shift(t) = sum_i w_i(t) * (Attn(q_t, K_i, V_i) - Attn(q_t, K_0, V_0))
+                 = sum_{i=0..n} c_i(t) * Attn(q_t, K_i, V_i)
 
     Added to ``Attn(q_t, K_0, V_0)`` it gives ``sum_i w_i Attn(q_t, K_i, V_i) + (1 - sum_i w_i)
     Attn(q_t, K_0, V_0)``: a query routed wholly to adapter ``i`` attends exactly as in adapter
@@ -87,4 +95,4 @@ def per_query_attention_shift(query: Tensor, keys: Tensor, values: Tensor, weigh
     queries = split_heads(query.unsqueeze(0).expand(sets, -1, -1, -1))
     attended = F.scaled_dot_product_attention(queries, split_heads(keys), split_heads(values))
     attended = attended.transpose(1, 2).reshape(sets, rows, tokens, -1)
-    return torch.einsum("rti,irtc->rtc", weights.to(attended.dtype), attended[1:] - attended[:1])
+    return torch.einsum("rti,irtc->rtc", coefficients.to(attended.dtype), attended)

@@ -42,12 +42,17 @@ def test_interleaved_whole_runs_count_the_rows_each_method_needs(tmp_path):
 
 
 def test_dispatch_counts_compare_each_method_with_ksampler(tmp_path):
-    cmd = [sys.executable, str(PACK_DIR / "tools" / "benchmark.py"), "--dispatch", "--models", "small", "--adapters", "2",
+    cmd = [sys.executable, str(PACK_DIR / "tools" / "benchmark.py"), "--dispatch", "--models", "small", "--adapters", "2,4",
            "--out", str(tmp_path)]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ), cwd=PACK_DIR)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [line.split(" | ") for line in (tmp_path / "dispatch.md").read_text().splitlines()[2:]]
-    calls = {cells[2]: float(cells[3]) for cells in rows}
-    assert calls["merge"] == calls["ksampler"], "merged weights: KSampler's own forward, call for call"
-    assert calls["ksampler"] < calls["switch"] < calls["composite"] < calls["loratorio"]
-    assert calls["ksampler"] < calls["single pass (a routed step)"] < calls["loratorio"]
+    calls = {(cells[1], cells[2]): float(cells[3]) for cells in rows}
+    ksampler = calls[("-", "ksampler")]
+    for n in ("2", "4"):
+        assert calls[(n, "merge")] == ksampler, "merged weights: KSampler's own forward, call for call"
+        assert ksampler < calls[(n, "switch")] < calls[(n, "composite")] < calls[(n, "loratorio")]
+        assert ksampler < calls[(n, "single pass (a routed step)")]
+    # a layer's calls do not grow with N: one product per adapter block, one joined product per routed row
+    for method in ("switch", "single pass (a routed step)"):
+        assert calls[("2", method)] == calls[("4", method)], method

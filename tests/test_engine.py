@@ -518,3 +518,53 @@ def test_layers_are_found_as_get_submodule_finds_them(pack, tiny_model_factory):
                 assert submodule(root, tuple(name.split("."))) is module, name
     with pytest.raises(AttributeError, match="no_such_block"):
         submodule(root, ("no_such_block", "to_q"))
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_rows_in_any_order_get_their_own_adapters_delta(engine, family, tiny_model_factory, loras_folder):
+    """Each adapter's rows together in stack order (one product per adapter), in reverse order, or
+    interleaved: every row of a forward gets its own adapter's delta, as when computed alone."""
+    patcher = tiny_model_factory(family)
+    files = [write_lora(loras_folder / f"order{i}.safetensors", family, patcher.model, "kohya", seed=40 + i) for i in range(2)]
+    adapters = engine.adapter_set.AdapterSet(patcher, [(f.name, 1.0) for f in files])
+    if family == "sd15":  # the grouped convolution of the blocks is exercised too
+        assert any(g.down.ndim == 5 for layer in adapters.row_layers.layers.values() for g in layer.low_rank)
+    alone = dict(zip((-1, 0, 1), row_predictions(engine, patcher, family, adapters, (-1, 0, 1)), strict=True))
+    assert not torch.allclose(alone[0], alone[1], atol=1e-3)
+    row_lora = engine.row_lora
+    for row_map, segment in (
+        ((-1, 0, 0, 1, 1), row_lora.RowSegment(1, 5, slice(0, 2), 2)),
+        ((1, 1, 0, 0), None),
+        ((0, 1, 0, 1), row_lora.RowSegment(0, 4, None, 1)),
+        ((1, 1, 1), row_lora.RowSegment(0, 3, slice(1, 2), 3)),
+    ):
+        (found,) = row_lora.RowPlan(row_map, torch.device("cpu")).group_rows((0, 1)).segments
+        if segment is not None:
+            assert found._replace(index=None) == segment._replace(index=None)
+            assert segment.index is None or found.index == segment.index
+        rows = row_predictions(engine, patcher, family, adapters, row_map)
+        tolerance = batch_tolerance()
+        for adapter, row in zip(row_map, rows, strict=True):
+            expected = alone[adapter]
+            torch.testing.assert_close(row, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("method", ["loratorio", "composite"])
+def test_a_steps_rows_arrive_adapter_by_adapter_and_gather_no_weights(engine, tiny_model_factory, sd15_stack, method):
+    """The guiders hand ComfyUI their rows so that each adapter's cond and uncond rows sit together,
+    in stack order: the hooks view the stacks (no index_select) and make one product per adapter."""
+    from dispatch_count import ComputeCalls
+
+    patcher = tiny_model_factory("sd15")
+    guider = make_guider(engine, method, patcher, sd15_stack[:3], cfg=5.0, recentre_lambda=0.5)
+    seen = []
+    original = engine.row_lora.RowLayers.plan
+    with ComputeCalls() as counter, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            engine.row_lora.RowLayers, "plan", lambda self, rows, device: seen.append(rows) or original(self, rows, device)
+        )
+        run_sampler(engine, guider)
+    adapter_rows = {tuple(a for a in rows if a >= 0) for rows in seen}
+    assert adapter_rows == {(0, 0, 1, 1, 2, 2)}
+    assert counter.calls["index_select"] == 0
+    assert counter.calls["baddbmm_"] > 0

@@ -131,16 +131,21 @@ def cross_attention_rows(engine, patcher, adapters, routing: torch.Tensor, row_m
     return list(out.chunk(len(row_map)))
 
 
-def test_each_image_query_attends_through_its_own_loras_text_keys(engine, tiny_model_factory, loras_folder):
-    """Left half routed to LoRA 0 (low rank), right half to LoRA 1 (LoKr, a dense delta): every token
-    of a cross-attention's routed row is exactly that token's LoRA's row (its query, the text keys
-    and values of its own LoRA, the output projection); a soft map gives neither."""
+@pytest.mark.parametrize("second", ["lokr", "kohya"])
+def test_each_image_query_attends_through_its_own_loras_text_keys(engine, tiny_model_factory, loras_folder, second):
+    """Left half routed to LoRA 0 (low rank), right half to LoRA 1 (LoKr, a dense delta; or low rank
+    too, so both share one stack and the text keys and values one product): every token of a
+    cross-attention's routed row is exactly that token's LoRA's row (its query, the text keys and
+    values of its own LoRA, the output projection); a soft map gives neither."""
     from support.lora_files import write_lycoris
 
     patcher = tiny_model_factory("sd15")
+    second_path = loras_folder / f"query1-{second}.safetensors"
     files = [
         write_lora(loras_folder / "query0.safetensors", "sd15", patcher.model, "kohya", seed=70),
-        write_lycoris(loras_folder / "query1.safetensors", "sd15", patcher.model, "lokr", seed=71),
+        write_lora(second_path, "sd15", patcher.model, "kohya", seed=71)
+        if second == "kohya"
+        else write_lycoris(second_path, "sd15", patcher.model, "lokr", seed=71),
     ]
     adapters = engine.adapter_set.AdapterSet(patcher, [(f.name, 1.0) for f in files])
     routing = torch.zeros(1, 2, 16, 16)
@@ -244,14 +249,15 @@ def test_per_query_attention_shift_is_each_querys_own_attention():
         heads = [torch.softmax(q[:, h] @ k[:, h].T / 2, dim=-1) @ v[:, h] for h in range(2)]
         return torch.cat(heads, dim=-1)
 
-    shift = lc.per_query_attention_shift(query, keys, values, weights, heads=2)
+    coefficients = lc.attention_shift_coefficients(weights)
+    shift = lc.per_query_attention_shift(query, keys, values, coefficients, heads=2)
     for r in range(2):
         q = query[r].reshape(5, 2, 4)
         own = [attention(q, keys[i, r].reshape(4, 2, 4), values[i, r].reshape(4, 2, 4)) for i in range(3)]
         expected = sum(weights[r, :, i - 1 : i] * (own[i] - own[0]) for i in (1, 2))
         torch.testing.assert_close(shift[r], expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="heads"):
-        lc.per_query_attention_shift(query, keys, values, weights, heads=3)
+        lc.per_query_attention_shift(query, keys, values, coefficients, heads=3)
 
 
 def test_token_weights_use_the_right_grid():
