@@ -113,7 +113,8 @@ class CrossAttentionRouter:
         text = kept["k_input"]
         if self.layers.siblings.get(k_name) == (k_name, v_name) and kept["k_source"] is kept["v_source"]:
             k_layer, v_layer = (self.layers.on(name, text.device, text.dtype) for name in (k_name, v_name))
-            if k_layer.whole_stack(self.adapters, kept["k"]) and v_layer.whole_stack(self.adapters, kept["v"]):
+            stacks = (k_layer.whole_stack(self.adapters, kept["k"]), v_layer.whole_stack(self.adapters, kept["v"]))
+            if all(stack is not None for stack in stacks):
                 joined = self.layers.joined_down((k_name, v_name), text.device, text.dtype)
                 hidden = text.reshape(-1, text.shape[-1]).mm(joined.transposed)
                 k_hidden, v_hidden = (hidden[:, slice(*joined.columns[(name, 0)])] for name in (k_name, v_name))
