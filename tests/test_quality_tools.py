@@ -118,6 +118,24 @@ def test_toy_model_samples_through_every_method_of_the_harness(pack, toy_files, 
         assert len(scores.recall) == len(scores.placed) == 2
 
 
+def test_styles_merged_method_takes_the_styles_out_of_the_routing(pack, toy_files, monkeypatch):
+    """``loratorio-styles-merged`` is LoRAtorio with the same settings where no style is asked for (or
+    only styles are), and something else where a style sits beside a subject: the style is merged."""
+    import folder_paths
+    from quality.harness import DEFAULT_SETTINGS, ToyRun
+
+    folder, subject, _ = toy_files
+    style = world.CONCEPTS_BY_NAME["dusk-style"]
+    assert style.is_style and not subject.is_style
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", folder_paths.folder_names_and_paths["loras"])
+    toy = ToyRun(pack, folder, images=2, steps=2)
+    settings = DEFAULT_SETTINGS["loratorio-styles-merged"]
+    for concepts, same in (([subject], True), ([style], True), ([subject, style], False)):
+        merged = toy.generate("loratorio-styles-merged", concepts, seed=1, settings=settings)
+        routed = toy.generate("loratorio", concepts, seed=1, settings=settings)
+        assert np.array_equal(merged, routed) == same, [c.name for c in concepts]
+
+
 def test_toy_runs_in_one_process_each_sample_their_own_seeds_loras(pack, toy_files, tmp_path, monkeypatch):
     """tune.py makes every seed's run first, then samples them in turn: each must use its own LoRAs."""
     import folder_paths

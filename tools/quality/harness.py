@@ -22,7 +22,10 @@ combinations), ``same-class`` (two character LoRAs trained on one class word, ``
 (two-subject scenes, each subject confined to its half of the image by LoRA Region Mask: ruby's
 disk left of cobalt's square, jade left of aqua, each pair alone and with the style; each image
 also scores whether each subject is in its own half, and whether its colour bleeds into the
-other). The method ``loratorio-masks`` (single pass from the masks alone) needs regions.
+other). The method ``loratorio-masks`` (single pass from the masks alone) needs regions. The method
+``loratorio-styles-merged`` merges the style concepts into the model (the LoRA Merge node, strength
+1) and composes the others with LoRAtorio, with the three options beyond the paper: what a user does
+by putting style LoRAs in a LoRA Merge (or LoraLoader) before the LoRAtorio Sampler.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-METHODS = ("merge", "switch", "composite", "loratorio", "loratorio-routed", "loratorio-masks")
-CHALLENGERS = ("loratorio", "loratorio-routed", "loratorio-masks")
+METHODS = ("merge", "switch", "composite", "loratorio", "loratorio-routed", "loratorio-masks", "loratorio-styles-merged")
+CHALLENGERS = ("loratorio", "loratorio-routed", "loratorio-masks", "loratorio-styles-merged")
 SCENARIOS = ("standard", "same-class", "regions")
 NEEDS_REGIONS = ("loratorio-masks",)
 # Each method's starting settings; tune.py chooses them on the tuning combinations and freezes its
@@ -58,6 +61,12 @@ DEFAULT_SETTINGS = {
     "loratorio-masks": {
         "cfg": 2.0, "patch_size": 4, "temperature": 0.05, "recentre_lambda": 0.5,
         "routing": "single pass", "full_steps": 0, "refresh_every": 0,
+    },
+    # the styles merged into the model, the other concepts composed by LoRAtorio with its options
+    "loratorio-styles-merged": {
+        "cfg": 2.0, "patch_size": 4, "temperature": 0.05, "recentre_lambda": 0.5,
+        "temperature_scaling": "by LoRA count and noise level", "patch_layout": "sliding",
+        "routing_memory": "steps so far",
     },
 }  # fmt: skip
 SETTINGS_FILE = Path(__file__).resolve().parent / "method_settings.json"
@@ -199,11 +208,18 @@ class ToyRun:
                     "loratorio": "LoRAtorioSampler",
                     "loratorio-routed": "LoRAtorioSampler",
                     "loratorio-masks": "LoRAtorioSampler",
+                    "loratorio-styles-merged": "LoRAtorioSampler",
                 }[method]
             ]
+            model, concepts = self.model, list(concepts)
+            if method == "loratorio-styles-merged" and not all(c.is_style for c in concepts):
+                styles = [c for c in concepts if c.is_style]
+                if styles:
+                    (model, _) = nodes_by_name["LoRAtorioMerge"]().merge(self.model, self.stack(styles))
+                concepts = [c for c in concepts if not c.is_style]
             stack = self.regional_stack(concepts, regions or {}, settings.pop("strength", 1.0))
             extra = {"top_k": 0, "top_k_mode": "image", **settings} if method.startswith("loratorio") else dict(settings)
-            result = node().sample(self.model, positive, negative, stack, cfg, latent, denoise=1.0, **ksampler, **extra)
+            result = node().sample(model, positive, negative, stack, cfg, latent, denoise=1.0, **ksampler, **extra)
             out = (result["result"] if isinstance(result, dict) else result)[0]
         return world.as_images(out["samples"]).numpy()
 
