@@ -208,3 +208,27 @@ def test_client_keeps_saved_images_and_falls_back_to_previews():
     only_previews = {"outputs": {"6": {"images": [preview]}, "7": {"latents": []}}}
     assert result_images(only_previews) == [("6", 0, preview)]
     assert result_images({"outputs": {}}) == []
+
+
+def test_lora_overrides_fill_the_subjects_and_style_loras_the_merged_style():
+    """In the style-merged workflow ``--lora`` fills the routed stack and leaves the merged style's
+    loader alone; ``--style-lora`` fills that one. Elsewhere (the Merge baseline) ``--lora`` fills
+    the merged loader as before."""
+    from comfy_client import Overrides, apply_overrides, style_loaders
+
+    api = Path(__file__).resolve().parent.parent / "example_workflows" / "api"
+    workflow = json.loads((api / "loratorio-style-merged.json").read_text())
+    (style,) = style_loaders(workflow)
+    subject = next(n for n, node in workflow.items() if node["class_type"] == "LoRAtorioMultiLoRALoader" and n != style)
+    overrides = Overrides(loras=[("a.safetensors", 1.0), ("b.safetensors", 0.5)], style_loras=[("s.safetensors", 0.8)])
+    filled = apply_overrides(workflow, overrides)
+    assert (filled[subject]["inputs"]["lora_1"], filled[subject]["inputs"]["lora_2"]) == ("a.safetensors", "b.safetensors")
+    assert filled[style]["inputs"]["lora_1"] == "s.safetensors" and "lora_2" not in filled[style]["inputs"]
+    untouched = apply_overrides(workflow, Overrides(loras=[("a.safetensors", 1.0)]))
+    assert untouched[style]["inputs"] == workflow[style]["inputs"]
+    baseline = json.loads((api / "lora-merge-baseline.json").read_text())
+    assert not style_loaders(baseline)
+    merged = apply_overrides(baseline, Overrides(loras=[("a.safetensors", 1.0)]))
+    assert [node["inputs"]["lora_1"] for node in merged.values() if node["class_type"] == "LoRAtorioMultiLoRALoader"] == [
+        "a.safetensors"
+    ]

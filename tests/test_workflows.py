@@ -12,7 +12,15 @@ from comfy_client import is_widget, ui_to_api
 pytestmark = pytest.mark.server
 WORKFLOWS = Path(__file__).resolve().parent.parent / "example_workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
-METHODS = {"loratorio", "loratorio-dynamic-pool", "loratorio-regions", "lora-switch", "lora-composite", "lora-merge-baseline"}
+METHODS = {
+    "loratorio",
+    "loratorio-dynamic-pool",
+    "loratorio-regions",
+    "loratorio-style-merged",
+    "lora-switch",
+    "lora-composite",
+    "lora-merge-baseline",
+}
 
 
 @pytest.fixture(scope="module")

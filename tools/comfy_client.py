@@ -203,21 +203,49 @@ class Overrides:
     negative: str | None = None
     seed: int | None = None
     params: dict[str, object] = field(default_factory=dict)
+    style_loras: list[tuple[str, float]] | None = None
+
+
+def style_loaders(prompt: dict) -> set[str]:
+    """The Multi-LoRA Loaders (node ids) whose stack a LoRA Merge merges into the MODEL of a
+    composition sampler or guider: the styles of a "styles merged, subjects routed" workflow."""
+    merges_feeding_composition = {
+        source[0]
+        for node in prompt.values()
+        if node["class_type"].startswith("LoRAtorio") and "lora_stack" in node["inputs"]
+        for source in [node["inputs"].get("model")]
+        if isinstance(source, list) and prompt.get(source[0], {}).get("class_type") == "LoRAtorioMerge"
+    }
+    return {
+        source[0]
+        for merge in merges_feeding_composition
+        for source in [prompt[merge]["inputs"].get("lora_stack")]
+        if isinstance(source, list) and prompt.get(source[0], {}).get("class_type") == "LoRAtorioMultiLoRALoader"
+    }
+
+
+def set_loader_rows(inputs: dict, loras: list[tuple[str, float]]) -> None:
+    for key in [k for k in inputs if k.startswith(("lora_", "strength_", "enabled_")) and k != "lora_stack"]:
+        del inputs[key]
+    for slot, (name, strength) in enumerate(loras, start=1):
+        inputs.update({f"lora_{slot}": name, f"strength_{slot}": strength, f"enabled_{slot}": True})
 
 
 def apply_overrides(prompt: dict, overrides: Overrides) -> dict:
-    """A copy of an API prompt with the overrides set on the nodes they concern."""
+    """A copy of an API prompt with the overrides set on the nodes they concern. ``loras`` fill the
+    Multi-LoRA Loaders, ``style_loras`` those whose stack is merged before a composition sampler
+    (:func:`style_loaders`), which ``loras`` leave alone."""
     prompt = copy.deepcopy(prompt)
-    for node in prompt.values():
+    styles = style_loaders(prompt)
+    for node_id, node in prompt.items():
         inputs, kind = node["inputs"], node["class_type"]
         title = node.get("_meta", {}).get("title")
         if overrides.checkpoint and "ckpt_name" in inputs:
             inputs["ckpt_name"] = overrides.checkpoint
-        if overrides.loras is not None and kind == "LoRAtorioMultiLoRALoader":
-            for key in [k for k in inputs if k.startswith(("lora_", "strength_", "enabled_")) and k != "lora_stack"]:
-                del inputs[key]
-            for slot, (name, strength) in enumerate(overrides.loras, start=1):
-                inputs.update({f"lora_{slot}": name, f"strength_{slot}": strength, f"enabled_{slot}": True})
+        if kind == "LoRAtorioMultiLoRALoader":
+            loras = overrides.style_loras if node_id in styles else overrides.loras
+            if loras is not None:
+                set_loader_rows(inputs, loras)
         if overrides.prompt is not None and title == POSITIVE_TITLE:
             inputs["text"] = overrides.prompt
         if overrides.negative is not None and title == NEGATIVE_TITLE:
@@ -383,6 +411,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("out"), help="where the images go")
     parser.add_argument("--checkpoint", help="checkpoint file name for CheckpointLoaderSimple")
     parser.add_argument("--lora", action="append", type=parse_lora, help="NAME[:STRENGTH] for Multi-LoRA Loader; repeat")
+    parser.add_argument(
+        "--style-lora",
+        action="append",
+        type=parse_lora,
+        help="NAME[:STRENGTH] for the loader whose LoRAs are merged before the composition sampler (style merged "
+        "workflows); repeat",
+    )
     parser.add_argument("--prompt", help="the positive prompt (the node titled 'Positive prompt')")
     parser.add_argument("--negative", help="the negative prompt (the node titled 'Negative prompt')")
     parser.add_argument("--seed", action="append", type=int, help="a seed; repeat for one job per seed")
@@ -402,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         base = load_api_prompt(path, servers[0].rstrip("/"), options.retries)
         for seed in options.seed or [None]:
             overrides = Overrides(options.checkpoint, options.lora, options.prompt, options.negative, seed, params)
+            overrides.style_loras = options.style_lora
             name = path.name.removesuffix(".json") + ("" if seed is None else f"_seed{seed}")
             jobs.append(Job(name, apply_overrides(base, overrides)))
     finished = run_jobs(jobs, servers, options.out, options.timeout, options.retries)

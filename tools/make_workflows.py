@@ -114,6 +114,20 @@ def regional(loras: list[tuple[str, float]]) -> dict:
     return graph
 
 
+def style_merged(style: tuple[str, float], subjects: list[tuple[str, float]]) -> dict:
+    """The style LoRA merged into the model and CLIP (LoRA Merge), the subject LoRAs composed by
+    LoRAtorio: a style wants the whole image, so it is not one of the LoRAs routed patch by patch."""
+    graph = composition("LoRAtorioSampler", subjects, LORATORIO, weight_maps=True)
+    graph["5"]["_meta"] = {"title": "Subject LoRAs (routed)"}
+    style_loader = {"class_type": "LoRAtorioMultiLoRALoader", "inputs": loader_inputs([style])}
+    graph["17"] = {**style_loader, "_meta": {"title": "Style LoRAs (merged)"}}
+    graph["10"] = {"class_type": "LoRAtorioMerge", "inputs": {"model": ["1", 0], "lora_stack": ["17", 0], "clip": ["1", 1]}}
+    for encoder in ("2", "3"):
+        graph[encoder]["inputs"]["clip"] = ["10", 1]
+    graph["6"]["inputs"]["model"] = ["10", 0]
+    return graph
+
+
 WORKFLOWS = {
     "loratorio": composition("LoRAtorioSampler", LORAS[:3], LORATORIO, weight_maps=True),
     "loratorio-dynamic-pool": composition("LoRAtorioSampler", LORAS, {**LORATORIO, "top_k": 2}, weight_maps=True),
@@ -121,6 +135,7 @@ WORKFLOWS = {
     "lora-composite": composition("LoRAtorioCompositeSampler", LORAS[:3], {}, weight_maps=False),
     "lora-merge-baseline": merge_baseline(LORAS[:3]),
     "loratorio-regions": regional([LORAS[0], LORAS[2]]),
+    "loratorio-style-merged": style_merged(LORAS[1], [LORAS[0], LORAS[2]]),
 }
 
 
