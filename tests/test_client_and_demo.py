@@ -228,6 +228,12 @@ def test_lora_overrides_fill_the_subjects_and_style_loras_the_merged_style():
     assert untouched[style]["inputs"] == workflow[style]["inputs"]
     baseline = json.loads((api / "lora-merge-baseline.json").read_text())
     assert not style_loaders(baseline)
+    chained = {  # a LoRA Merge after another: both loaders are the merge's, not styles
+        "1": {"class_type": "LoRAtorioMultiLoRALoader", "inputs": {}},
+        "2": {"class_type": "LoRAtorioMerge", "inputs": {"model": ["9", 0], "lora_stack": ["1", 0]}},
+        "3": {"class_type": "LoRAtorioMerge", "inputs": {"model": ["2", 0], "lora_stack": ["1", 0]}},
+    }
+    assert not style_loaders(chained)
     merged = apply_overrides(baseline, Overrides(loras=[("a.safetensors", 1.0)]))
     assert [node["inputs"]["lora_1"] for node in merged.values() if node["class_type"] == "LoRAtorioMultiLoRALoader"] == [
         "a.safetensors"

@@ -209,10 +209,16 @@ class Overrides:
 def style_loaders(prompt: dict) -> set[str]:
     """The Multi-LoRA Loaders (node ids) whose stack a LoRA Merge merges into the MODEL of a
     composition sampler or guider: the styles of a "styles merged, subjects routed" workflow."""
+    composition = [
+        node
+        for node in prompt.values()
+        if node["class_type"].startswith("LoRAtorio")
+        and node["class_type"] != "LoRAtorioMerge"
+        and "lora_stack" in node["inputs"]
+    ]
     merges_feeding_composition = {
         source[0]
-        for node in prompt.values()
-        if node["class_type"].startswith("LoRAtorio") and "lora_stack" in node["inputs"]
+        for node in composition
         for source in [node["inputs"].get("model")]
         if isinstance(source, list) and prompt.get(source[0], {}).get("class_type") == "LoRAtorioMerge"
     }
