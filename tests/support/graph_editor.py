@@ -208,6 +208,7 @@ class GraphEditor:
         dialog = self.page.get_by_role("dialog")
         dialog.get_by_text(section, exact=True).click()
         card = dialog.get_by_test_id(f"template-workflow-{name}")
+        card.scroll_into_view_if_needed()  # a card below the dialog's fold loads its picture once shown
         card.locator("img").first.wait_for()
         self.page.wait_for_function(
             "card => [...card.querySelectorAll('img')].some(img => img.complete && img.naturalWidth > 0)",
