@@ -537,7 +537,11 @@ def row_loras_installed(
     per_query = {name for router in routers for name in router.text_layers.values()}
     products = {}
     if routed is not None and len(plan.routed) == 1:  # one run of routed rows: one product per set of siblings
-        products = {siblings: SharedInputProduct(siblings, layers, routed) for siblings in layers.sibling_sets}
+        products = {  # not for siblings whose routed rows a cross-attention router serves (attn2's to_k, to_v)
+            siblings: SharedInputProduct(siblings, layers, routed)
+            for siblings in layers.sibling_sets
+            if not per_query.issuperset(siblings)
+        }
     handles = []
     try:
         for name, path in layers.paths.items():
