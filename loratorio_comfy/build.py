@@ -67,6 +67,8 @@ def loratorio_guider(
     temperature_scaling="fixed",
     patch_layout="grid",
     routing_memory="this step",
+    style_loras="routed",
+    style_coverage=lc.DEFAULT_STYLE_COVERAGE,
 ):
     if routing not in ROUTING_MODES:
         raise LoRAInputError(f"routing is {routing!r}; use one of {', '.join(ROUTING_MODES)}")
@@ -80,6 +82,8 @@ def loratorio_guider(
         temperature_scaling=temperature_scaling,
         patch_layout=patch_layout,
         routing_memory=routing_memory,
+        style_loras=style_loras,
+        style_coverage=style_coverage,
     )
     adapters = _adapters(model, lora_stack)
     guider = LoRAtorioGuider(model, adapters, check_cfg(cfg), params, _windows(lora_stack), _regions(lora_stack), routed)

@@ -12,6 +12,7 @@ No cond carries a ComfyUI hook: newer ComfyUI reloads the model when one does (d
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Sequence
 
@@ -34,6 +35,7 @@ from .row_lora import (
     set_routing,
 )
 
+LOG = logging.getLogger("comfyui-loratorio")
 WRAPPER_KEY = "loratorio"
 POSITIVE, NEGATIVE = "positive", "negative"
 
@@ -262,6 +264,7 @@ class LoRAtorioGuider(AdapterRowsGuider):
         self._unfiled_maps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._routing: torch.Tensor | None = None  # routed mode: the last full step's map, [B, N, H, W]
         self._routing_over: frozenset[int] = frozenset()  # the LoRAs active when that map was made
+        self._style_of: dict[int, bool] = {}  # style_loras "applied everywhere": each LoRA's verdict, once judged
         try:
             return super().sample(*args, **kwargs)
         finally:
@@ -301,26 +304,60 @@ class LoRAtorioGuider(AdapterRowsGuider):
             self._file_weight_map(x.new_zeros(len(self.adapters), x.shape[0], 1, *x.shape[2:]), timestep, model_options)
             return self.guide(base_cond, uncond, x, timestep, model_options)
         adapter_conds = torch.stack(out[1 : 1 + n])
-        # the routing signal lives in noise space; x and sigma are shared, so (x - D) has the same cosines
-        regions = self.regions_of(active)
+        # Omega and the styles' changes are affine in the prediction, so they apply to denoised ones
+        # as they do to noise; the cosines and coverages are the same for (x - D) as for noise
+        styles = self.styles_among(active, adapter_conds, base_cond)
+        routed = [k for k in range(n) if not styles[k]]
+        style_rows = [k for k in range(n) if styles[k]]
+        routed_adapters = tuple(active[k] for k in routed)
+        regions = self.regions_of(routed_adapters)
         noise_level = None
         if self.params.needs_noise_level:
             noise_level = noise_to_signal_ratio(self.model_patcher.get_model_object("model_sampling"), timestep)
+        routed_noise = x.unsqueeze(0) - adapter_conds[routed]
         weights = lc.routing_weights(
-            x.unsqueeze(0) - adapter_conds, x - base_cond, self.params, regions, noise_level, self.evidence, active
+            routed_noise, x - base_cond, self.params, regions, noise_level, self.evidence, routed_adapters
         )
         every_adapter = weights.new_zeros(len(self.adapters), *weights.shape[1:])
-        every_adapter[list(active)] = weights
+        every_adapter[list(routed_adapters)] = weights
+        every_adapter[[active[k] for k in style_rows]] = 1.0  # a style acts at every position
         self._file_weight_map(every_adapter, timestep, model_options)
         self._routing, self._routing_over = lc.routing_map(every_adapter), frozenset(active)
         if regions is None:
-            cond = lc.weighted_sum(weights, adapter_conds)
+            cond = lc.weighted_sum(weights, adapter_conds[routed])
         else:  # where the regions leave no adapter, the base model's prediction
-            cond = lc.weighted_with_base(weights, adapter_conds, base_cond)
+            cond = lc.weighted_with_base(weights, adapter_conds[routed], base_cond)
+        if style_rows:
+            cond = lc.with_style_changes(cond, adapter_conds[style_rows], base_cond)
         if with_uncond:
             adapter_unconds = torch.stack(out[1 + n : -1]) if self.params.needs_adapter_unconds else None
-            uncond = lc.recentred_uncond(out[-1], adapter_unconds, weights, self.params.recentre_lambda, regions is not None)
+            routed_unconds = None if adapter_unconds is None else adapter_unconds[routed]
+            uncond = lc.recentred_uncond(out[-1], routed_unconds, weights, self.params.recentre_lambda, regions is not None)
+            if style_rows and adapter_unconds is not None:  # lambda = 1: the styles change the cond only
+                uncond = lc.with_style_changes(uncond, adapter_unconds[style_rows], out[-1])
         return self.guide(cond, uncond, x, timestep, model_options)
+
+    def styles_among(self, active: tuple[int, ...], adapter_conds: torch.Tensor, base_cond: torch.Tensor) -> tuple[bool, ...]:
+        """Which ``active`` adapters are styles (``style_loras`` = ``applied everywhere``; see
+        ``lc.styles``): each is judged at the first full step it shares with another LoRA, and keeps
+        that verdict for the run, so the routing does not change its members from step to step."""
+        if self.params.style_loras == "routed":
+            return (False,) * len(active)
+        candidates = [self.regions[i] is None for i in active]
+        undecided = [k for k, i in enumerate(active) if candidates[k] and i not in self._style_of]
+        if undecided and len(active) >= 2:
+            coverage = lc.delta_coverage(adapter_conds, base_cond, self.params.patch_size).tolist()
+            verdicts = lc.detected_styles(coverage, candidates, self.params.style_coverage)
+            for k in undecided:
+                adapter = active[k]
+                self._style_of[adapter] = verdicts[k]
+                if verdicts[k]:
+                    LOG.info(
+                        "comfyui-loratorio: LoRA '%s' changes %.0f%% of the image alike: taken as a style and applied everywhere",
+                        self.adapters.names[adapter],
+                        100 * coverage[k],
+                    )
+        return tuple(self._style_of.get(i, False) for i in active)
 
     def _routed_step(self, x, timestep, model_options: dict, active: tuple[int, ...]) -> torch.Tensor:
         """One routed cond row (each token gets its routed LoRAs' deltas) and the base uncond: 2 rows."""

@@ -33,6 +33,7 @@ from .routed import (
     routing_map,
 )
 from .schedule import FULL_WINDOW, StepWindow, active_adapters, budget_factor, switch_adapter
+from .styles import DEFAULT_STYLE_COVERAGE, STYLE_LORAS, StyleLoRAs, delta_coverage, detected_styles, with_style_changes
 from .switch import DEFAULT_TAU, SwitchSchedule, step_index
 from .tensors import classifier_free_guidance, denoised_to_noise, noise_to_denoised
 from .weights import (
@@ -51,6 +52,7 @@ __all__ = [
     "DEFAULT_LAMBDA",
     "DEFAULT_PATCH_SIZE",
     "DEFAULT_REFRESH_EVERY",
+    "DEFAULT_STYLE_COVERAGE",
     "DEFAULT_TAU",
     "DEFAULT_TEMPERATURE",
     "DEFAULT_TOP_K",
@@ -59,6 +61,7 @@ __all__ = [
     "MEMORY_NOISE_FLOOR",
     "PATCH_LAYOUTS",
     "ROUTING_MEMORIES",
+    "STYLE_LORAS",
     "TEMPERATURE_SCALINGS",
     "TOP_K_MODES",
     "CompositeResult",
@@ -70,6 +73,7 @@ __all__ = [
     "RoutingEvidence",
     "RoutingMemory",
     "StepWindow",
+    "StyleLoRAs",
     "SwitchSchedule",
     "TemperatureScaling",
     "TopKMode",
@@ -83,7 +87,9 @@ __all__ = [
     "classifier_free_guidance",
     "colourise",
     "count_scaled_similarity",
+    "delta_coverage",
     "denoised_to_noise",
+    "detected_styles",
     "expand_patches",
     "lora_composite",
     "loratorio",
@@ -106,4 +112,5 @@ __all__ = [
     "top_k_mask",
     "weighted_sum",
     "weighted_with_base",
+    "with_style_changes",
 ]

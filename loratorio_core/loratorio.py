@@ -31,6 +31,8 @@ Defaults for what the paper leaves open (all overridable):
 * ``lambda = 0.5``: the paper's value.
 * ``patch_layout = "grid"``: the paper's partition; ``"sliding"`` is an option beyond it.
 * ``routing_memory = "this step"``: the paper's; ``"steps so far"`` is an option beyond it.
+* ``style_loras = "routed"``: the paper's; ``"applied everywhere"`` takes the LoRAs that change the
+  whole image out of the routing (:mod:`.styles`).
 * ``top_k = 3`` and ``top_k_mode = "image"`` for the dynamic pool: see :mod:`.weights`.
   ``top_k = None`` (or any ``k >= N``) is the static method.
 """
@@ -45,6 +47,7 @@ from torch import Tensor
 from .memory import MEMORY_NOISE_FLOOR, RoutingEvidence, RoutingMemory, check_routing_memory, remembers, step_evidence
 from .patches import PatchLayout, check_patch_layout, check_patch_size, expand_patches, patch_cosine_similarity
 from .regions import Region, region_maps, weighted_with_base
+from .styles import DEFAULT_STYLE_COVERAGE, StyleLoRAs, check_style_loras
 from .tensors import check_latent, check_stack, classifier_free_guidance
 from .weights import (
     TemperatureScaling,
@@ -79,6 +82,8 @@ class LoRAtorioParams:
     temperature_scaling: TemperatureScaling = "fixed"
     patch_layout: PatchLayout = "grid"
     routing_memory: RoutingMemory = "this step"
+    style_loras: StyleLoRAs = "routed"
+    style_coverage: float = DEFAULT_STYLE_COVERAGE
 
     def __post_init__(self) -> None:
         check_patch_size(self.patch_size)
@@ -93,6 +98,11 @@ class LoRAtorioParams:
         if self.top_k is not None:
             check_top_k(self.top_k)
         check_top_k_mode(self.top_k_mode)
+        check_style_loras(self.style_loras)
+        if not 0.0 < self.style_coverage <= 1.0:
+            raise ValueError(
+                f"style_coverage must lie in (0, 1] (the share of the image a style changes), got {self.style_coverage!r}"
+            )
 
     @property
     def needs_adapter_unconds(self) -> bool:

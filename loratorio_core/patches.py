@@ -47,7 +47,7 @@ def patch_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
     return math.ceil(height / patch_size), math.ceil(width / patch_size)
 
 
-def _patch_sums(values: Tensor, patch_size: int) -> Tensor:
+def patch_sums(values: Tensor, patch_size: int) -> Tensor:
     """Sum ``values [..., C, H, W]`` over channels and each patch: ``[..., rows, cols]``."""
     height, width = values.shape[-2:]
     rows, cols = patch_grid(height, width, patch_size)
@@ -96,7 +96,7 @@ def patch_cosine_similarity(adapters: Tensor, base: Tensor, patch_size: int, lay
     check_stack(adapters, base, "adapters")
     check_patch_size(patch_size)
     check_patch_layout(layout)
-    sums = _patch_sums if layout == "grid" else _window_sums
+    sums = patch_sums if layout == "grid" else _window_sums
     a = _unit_scale(adapters.to(SIMILARITY_DTYPE))
     b = _unit_scale(base.to(SIMILARITY_DTYPE)).unsqueeze(0)
     dot = sums(a * b, patch_size)

@@ -162,6 +162,27 @@ def extension_inputs() -> dict[str, tuple]:
                 default=lc.ROUTING_MEMORIES[0],
             ),
         ),
+        "style_loras": (
+            list(lc.STYLE_LORAS),
+            tip(
+                "routed: every LoRA competes for every patch (the paper). applied everywhere: a LoRA that changes the "
+                "whole image alike (a style, a palette, a lighting) is found at the first step and applied at every "
+                "position, as if merged, and the other LoRAs are routed among themselves, so a style no longer takes "
+                "the edges of the subjects. LoRAs with a region mask always stay routed.",
+                default=lc.STYLE_LORAS[0],
+            ),
+        ),
+        "style_coverage": (
+            "FLOAT",
+            tip(
+                "style_loras applied everywhere: a LoRA is a style when its change covers at least this share of "
+                "the image alike (1 = every patch). The console names each LoRA taken as a style, with its share.",
+                default=lc.DEFAULT_STYLE_COVERAGE,
+                min=0.01,
+                max=1.0,
+                step=0.05,
+            ),
+        ),
     }
 
 

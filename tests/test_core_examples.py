@@ -308,3 +308,43 @@ def test_weight_map_history_and_colours():
     assert image.shape == (3, 4, 3)
     torch.testing.assert_close(image[0, 0], palette[0])
     torch.testing.assert_close(lc.colourise(maps[1], palette)[0, 0], palette[1])
+
+
+def test_style_coverage_is_the_share_of_patches_a_lora_changes_alike():
+    base = torch.zeros(1, 4, 8, 8)
+    everywhere = base + 0.3  # changes every 4x4 patch alike
+    one_patch = base.clone()
+    one_patch[..., :4, :4] = 5.0  # one of the four patches, at any strength
+    two_patches = base.clone()
+    two_patches[..., :4, :] = -0.01  # two of four, alike
+    unchanged = base.clone()
+    coverage = lc.delta_coverage(torch.stack([everywhere, one_patch, two_patches, unchanged]), base, patch_size=4)
+    torch.testing.assert_close(coverage, torch.tensor([1.0, 0.25, 0.5, 0.0]))
+    half = base.clone()
+    half[0, :, :4, :4] = 1.0  # a batch: the first image's change covers a quarter, the second's all of it
+    batch = torch.cat([half, everywhere])
+    coverage = lc.delta_coverage(torch.stack([batch]), torch.cat([base, base]), patch_size=4)
+    torch.testing.assert_close(coverage, torch.tensor([(0.25 + 1.0) / 2]))
+
+
+def test_detected_styles_leave_region_masked_loras_and_never_take_every_candidate():
+    assert lc.detected_styles([0.9, 0.2, 0.3], [True, True, True], 0.6) == (True, False, False)
+    assert lc.detected_styles([0.9, 0.9, 0.3], [True, False, True], 0.6) == (True, False, False)  # a region: routed
+    assert lc.detected_styles([0.9, 0.8], [True, True], 0.6) == (False, False)  # only styles: nothing to keep apart
+    assert lc.detected_styles([0.9, 0.2], [True, False], 0.6) == (True, False)  # beside a region-masked subject
+    assert lc.detected_styles([0.9, 0.9], [True, False], 0.6) == (True, False)
+    assert lc.detected_styles([0.59, 0.2], [True, True], 0.6) == (False, False)
+    with pytest.raises(ValueError, match="2 coverages for 3 adapters"):
+        lc.detected_styles([0.9, 0.2], [True, True, True])
+
+
+def test_a_style_s_change_is_added_at_every_position():
+    base = torch.full((1, 4, 2, 2), 1.0)
+    composed = torch.full((1, 4, 2, 2), 2.0)
+    styles = torch.stack([torch.full((1, 4, 2, 2), 1.5), torch.full((1, 4, 2, 2), 0.75)])
+    torch.testing.assert_close(lc.with_style_changes(composed, styles, base), torch.full((1, 4, 2, 2), 2.25))
+    assert lc.with_style_changes(composed.half(), styles, base).dtype == torch.float16
+    with pytest.raises(ValueError, match="style_loras must be one of routed, applied everywhere"):
+        lc.LoRAtorioParams(style_loras="merged")
+    with pytest.raises(ValueError, match="style_coverage must lie in"):
+        lc.LoRAtorioParams(style_loras="applied everywhere", style_coverage=0.0)

@@ -436,6 +436,48 @@ def test_routing_memory_starts_as_the_paper_then_routes_on_every_step_so_far(pac
         torch.testing.assert_close(again, memory_samples, rtol=0, atol=0)
 
 
+def test_style_loras_applied_everywhere_leave_the_routing_for_the_run(
+    pack, engine, tiny_model_factory, sd15_stack, monkeypatch, caplog
+):
+    patcher = tiny_model_factory("sd15")
+    for node in ("LoRAtorioSampler", "LoRAtorioGuider"):
+        assert pack.NODE_CLASS_MAPPINGS[node].INPUT_TYPES()["optional"]["style_loras"][1]["default"] == "routed"
+    measured = []
+    real_coverage = engine.guiders.lc.delta_coverage
+
+    def recorded(*args, **kwargs):
+        measured.append(real_coverage(*args, **kwargs).tolist())
+        return torch.tensor(measured[-1])
+
+    monkeypatch.setattr(engine.guiders.lc, "delta_coverage", recorded)
+    stack = sd15_stack[:3]
+    styles_only_if_whole = make_guider(engine, "loratorio", patcher, stack, style_loras="applied everywhere", style_coverage=1.0)
+    routed = make_guider(engine, "loratorio", patcher, stack)
+    samples = run_sampler(engine, styles_only_if_whole)["samples"]
+    assert len(measured) == 1, "each LoRA is judged once per run, at its first full step"
+    torch.testing.assert_close(samples, run_sampler(engine, routed)["samples"], rtol=0, atol=0)
+    # a threshold between the two largest coverages of these seeded LoRAs makes the first of them a style
+    ranked = sorted(range(3), key=lambda i: measured[0][i], reverse=True)
+    threshold = (measured[0][ranked[0]] + measured[0][ranked[1]]) / 2
+    style, subjects = ranked[0], sorted(ranked[1:])
+    for routing in ("every step", "single pass"):
+        caplog.clear()
+        guider = make_guider(
+            engine, "loratorio", patcher, stack, routing=routing, style_loras="applied everywhere", style_coverage=threshold
+        )
+        with caplog.at_level("INFO", logger="comfyui-loratorio"):
+            found = run_sampler(engine, guider)["samples"]
+        assert torch.isfinite(found).all() and not torch.allclose(found, samples, atol=1e-3), routing
+        maps = guider.weight_history.maps()  # every step, the routed steps of single pass included
+        assert len(maps) == STEPS
+        torch.testing.assert_close(maps[:, style], torch.ones_like(maps[:, style]))
+        torch.testing.assert_close(maps[:, subjects].sum(dim=1), torch.ones_like(maps[:, style]))
+        assert [r.getMessage() for r in caplog.records if "taken as a style" in r.getMessage()] == [
+            f"comfyui-loratorio: LoRA '{guider.adapters.names[style]}' changes {100 * measured[0][style]:.0f}% of the image "
+            "alike: taken as a style and applied everywhere"
+        ]
+
+
 def comfy_nodes_noise(seed: int):
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
 

@@ -106,3 +106,31 @@ def test_regions_keep_each_subject_in_its_own_half(toy, method):
     placed, bleed = np.mean(scores.placed), np.mean(scores.bleed)
     assert placed >= REGION_FLOORS[method], f"{method}: {placed:.2f} of the subjects in their own half"
     assert bleed <= REGION_BLEED_CEILING, f"{method}: a subject's colour bled out of its half in {bleed:.2f} of the images"
+
+
+def test_loratorio_finds_the_style_lora_by_what_it_changes_and_nothing_else(pack, caplog):
+    """The shipped, trained LoRAs: ``dusk`` (a background over the whole image) is taken as a style
+    beside a subject, the subjects never are, and where no style is asked for the images are
+    LoRAtorio's own with the same settings."""
+    import folder_paths
+    from quality.harness import DEFAULT_SETTINGS, ToyRun
+    from quality.world import CONCEPTS_BY_NAME
+
+    found = DEFAULT_SETTINGS["loratorio-styles-found"]
+    routed = {key: value for key, value in found.items() if key != "style_loras"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(folder_paths.folder_names_and_paths, "loras", folder_paths.folder_names_and_paths["loras"])
+        toy = ToyRun(pack, MODELS, images=4, steps=3)
+        for names in (("cobalt-square", "dusk-style"), ("ruby-disk", "amber-triangle", "lemon-stripe", "dusk-style")):
+            caplog.clear()
+            with caplog.at_level("INFO", logger="comfyui-loratorio"):
+                images = toy.generate("loratorio-styles-found", [CONCEPTS_BY_NAME[n] for n in names], seed=1, settings=found)
+            styles = [r.getMessage() for r in caplog.records if "taken as a style" in r.getMessage()]
+            assert len(styles) == 1 and "dusk-style'" in styles[0], (names, styles)
+            assert not np.array_equal(images, toy.generate("loratorio", [CONCEPTS_BY_NAME[n] for n in names], 1, routed))
+        subjects = [CONCEPTS_BY_NAME[n] for n in ("ruby-disk", "amber-triangle", "lemon-stripe")]
+        caplog.clear()
+        with caplog.at_level("INFO", logger="comfyui-loratorio"):
+            images = toy.generate("loratorio-styles-found", subjects, seed=1, settings=found)
+        assert not [r for r in caplog.records if "taken as a style" in r.getMessage()]
+        np.testing.assert_array_equal(images, toy.generate("loratorio", subjects, seed=1, settings=routed))

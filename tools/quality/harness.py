@@ -41,8 +41,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-METHODS = ("merge", "switch", "composite", "loratorio", "loratorio-routed", "loratorio-masks", "loratorio-styles-merged")
-CHALLENGERS = ("loratorio", "loratorio-routed", "loratorio-masks", "loratorio-styles-merged")
+METHODS = (
+    "merge",
+    "switch",
+    "composite",
+    "loratorio",
+    "loratorio-routed",
+    "loratorio-masks",
+    "loratorio-styles-merged",
+    "loratorio-styles-found",
+)
+CHALLENGERS = ("loratorio", "loratorio-routed", "loratorio-masks", "loratorio-styles-merged", "loratorio-styles-found")
 SCENARIOS = ("standard", "same-class", "regions")
 NEEDS_REGIONS = ("loratorio-masks",)
 # Each method's starting settings; tune.py chooses them on the tuning combinations and freezes its
@@ -67,6 +76,12 @@ DEFAULT_SETTINGS = {
         "cfg": 2.0, "patch_size": 4, "temperature": 0.05, "recentre_lambda": 0.5,
         "temperature_scaling": "by LoRA count and noise level", "patch_layout": "sliding",
         "routing_memory": "steps so far",
+    },
+    # every concept given to LoRAtorio with the three options; it finds the styles and applies them everywhere
+    "loratorio-styles-found": {
+        "cfg": 2.0, "patch_size": 4, "temperature": 0.05, "recentre_lambda": 0.5,
+        "temperature_scaling": "by LoRA count and noise level", "patch_layout": "sliding",
+        "routing_memory": "steps so far", "style_loras": "applied everywhere",
     },
 }  # fmt: skip
 SETTINGS_FILE = Path(__file__).resolve().parent / "method_settings.json"
@@ -209,6 +224,7 @@ class ToyRun:
                     "loratorio-routed": "LoRAtorioSampler",
                     "loratorio-masks": "LoRAtorioSampler",
                     "loratorio-styles-merged": "LoRAtorioSampler",
+                    "loratorio-styles-found": "LoRAtorioSampler",
                 }[method]
             ]
             model, concepts = self.model, list(concepts)
