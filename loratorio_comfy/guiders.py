@@ -166,9 +166,15 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
         return super().outer_sample(*args, **kwargs)
 
     def evaluate(
-        self, rows: list[tuple[str, int]], x: torch.Tensor, timestep: torch.Tensor, model_options: dict
+        self,
+        rows: list[tuple[str, int]],
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        model_options: dict,
+        everywhere: tuple[int, ...] = (),
     ) -> list[torch.Tensor]:
-        """Denoised predictions for ``(cond list name, adapter index or BASE_ROW)`` rows, one batch."""
+        """Denoised predictions for ``(cond list name, adapter index or BASE_ROW)`` rows, one batch;
+        every row but a routed one also carries the adapters of ``everywhere``."""
         order = batching_order([adapter for _, adapter in rows])
         handed = [rows[i] for i in order]
         options = model_options.copy()
@@ -177,6 +183,7 @@ class AdapterRowsGuider(comfy.samplers.CFGGuider):
             "run": self._run_id,
             "rows": tuple(adapter for _, adapter in handed),
             "kinds": tuple(COND if name == POSITIVE else UNCOND for name, _ in handed),
+            "everywhere": everywhere,
         }
         options["transformer_options"] = transformer_options
         conds = [self.conds[name if adapter == BASE_ROW else adapter_cond_name(name, adapter)] for name, adapter in handed]
@@ -295,13 +302,17 @@ class LoRAtorioGuider(AdapterRowsGuider):
                 return self._routed_step(x, timestep, model_options, active)
         else:
             active = self.active_adapters(timestep, model_options)
+        everywhere = self.applied_everywhere(active)
+        active = tuple(i for i in active if i not in everywhere)
         n = len(active)
         with_uncond = self.needs_uncond(model_options)
-        out = self.evaluate(self.row_plan(with_uncond, active), x, timestep, model_options)
+        out = self.evaluate(self.row_plan(with_uncond, active), x, timestep, model_options, everywhere)
         base_cond = out[0]
         uncond = out[-1] if with_uncond else None
-        if n == 0:  # every LoRA is outside its window: the base model's step
-            self._file_weight_map(x.new_zeros(len(self.adapters), x.shape[0], 1, *x.shape[2:]), timestep, model_options)
+        if n == 0:  # every LoRA is outside its window (or applied everywhere): the base model's step
+            weights = x.new_zeros(len(self.adapters), x.shape[0], 1, *x.shape[2:])
+            weights[list(everywhere)] = 1.0
+            self._file_weight_map(weights, timestep, model_options)
             return self.guide(base_cond, uncond, x, timestep, model_options)
         adapter_conds = torch.stack(out[1 : 1 + n])
         # Omega and the styles' changes are affine in the prediction, so they apply to denoised ones
@@ -320,9 +331,9 @@ class LoRAtorioGuider(AdapterRowsGuider):
         )
         every_adapter = weights.new_zeros(len(self.adapters), *weights.shape[1:])
         every_adapter[list(routed_adapters)] = weights
-        every_adapter[[active[k] for k in style_rows]] = 1.0  # a style acts at every position
+        every_adapter[[active[k] for k in style_rows] + list(everywhere)] = 1.0  # a style acts at every position
         self._file_weight_map(every_adapter, timestep, model_options)
-        self._routing, self._routing_over = lc.routing_map(every_adapter), frozenset(active)
+        self._routing, self._routing_over = lc.routing_map(every_adapter), frozenset(active + everywhere)
         if regions is None:
             cond = lc.weighted_sum(weights, adapter_conds[routed])
         else:  # where the regions leave no adapter, the base model's prediction
@@ -336,6 +347,17 @@ class LoRAtorioGuider(AdapterRowsGuider):
             if style_rows and adapter_unconds is not None:  # lambda = 1: the styles change the cond only
                 uncond = lc.with_style_changes(uncond, adapter_unconds[style_rows], out[-1])
         return self.guide(cond, uncond, x, timestep, model_options)
+
+    def applied_everywhere(self, active: tuple[int, ...]) -> tuple[int, ...]:
+        """The ``active`` LoRAs found to be styles, once every one has its verdict: from then on each
+        row carries their deltas in its weights (as if merged) and they have no rows of their own. At
+        a step that still judges a LoRA, none: that step has every LoRA's rows."""
+        if self.params.style_loras == "routed":
+            return ()
+        undecided = [i for i in active if self.regions[i] is None and i not in self._style_of]
+        if undecided and len(active) >= 2:
+            return ()
+        return tuple(i for i in active if self._style_of.get(i, False))
 
     def styles_among(self, active: tuple[int, ...], adapter_conds: torch.Tensor, base_cond: torch.Tensor) -> tuple[bool, ...]:
         """Which ``active`` adapters are styles (``style_loras`` = ``applied everywhere``; see
@@ -371,7 +393,8 @@ class LoRAtorioGuider(AdapterRowsGuider):
         set_routing(self._run_id, routing)
         with_uncond = self.needs_uncond(model_options)
         rows = [(POSITIVE, ROUTED_ROW)] + ([(NEGATIVE, BASE_ROW)] if with_uncond else [])
-        out = self.evaluate(rows, x, timestep, model_options)
+        # the routed row gets the styles through its map; the base uncond carries them as a full step's does
+        out = self.evaluate(rows, x, timestep, model_options, self.applied_everywhere(active))
         self._file_weight_map(routing.transpose(0, 1).unsqueeze(2), timestep, model_options)
         return self.guide(out[0], out[1] if with_uncond else None, x, timestep, model_options)
 

@@ -251,13 +251,20 @@ class GroupRows:
 
 class RowPlan:
     """Which adapter each row of one forward carries (``BASE_ROW`` for the base model), with the
-    per-group runs and per-adapter row indices the hooks need, built once per plan and device."""
+    per-group runs and per-adapter row indices the hooks need, built once per plan and device.
 
-    def __init__(self, rows: tuple[int, ...], device: torch.device) -> None:
-        self.rows, self.device = rows, device
+    ``everywhere``: adapters whose delta every row but the routed ones gets on top of its own, as if
+    merged into the model (style LoRAs; a routed row gets them through its routing map)."""
+
+    def __init__(self, rows: tuple[int, ...], device: torch.device, everywhere: tuple[int, ...] = ()) -> None:
+        self.rows, self.device, self.everywhere = rows, device, everywhere
+        if set(everywhere) & set(rows):
+            raise ValueError(f"adapters {sorted(set(everywhere) & set(rows))} are applied everywhere and also have rows")
         self._groups: dict[tuple[int, ...], GroupRows] = {}
+        self._everywhere_groups: dict[tuple[int, ...], GroupRows] = {}
         self._members: dict[int, torch.Tensor | None] = {}
         self.routed = tuple((start, stop) for start, stop, _ in runs_of([i for i, a in enumerate(rows) if a == ROUTED_ROW]))
+        self.unrouted = runs_of([i for i, a in enumerate(rows) if a != ROUTED_ROW])
 
     @property
     def batch(self) -> int:
@@ -285,10 +292,25 @@ class RowPlan:
             segments.append(RowSegment(start, stop, device_index(positions[::repeat], self.device), repeat))
         return GroupRows(tuple(segments))
 
+    def everywhere_rows(self, adapters: tuple[int, ...]) -> GroupRows | None:
+        """The runs of unrouted rows, once per adapter of a group's ``adapters`` applied everywhere
+        (each run one block: one product over all its rows), or None when the group has none."""
+        if adapters not in self._everywhere_groups:
+            segments = [
+                RowSegment(start, stop, slice(position, position + 1), stop - start)
+                for position, adapter in enumerate(adapters)
+                if adapter in self.everywhere
+                for start, stop, _ in self.unrouted
+            ]
+            self._everywhere_groups[adapters] = GroupRows(tuple(segments)) if segments else None
+        return self._everywhere_groups[adapters]
+
     def members(self, adapter: int) -> torch.Tensor | None:
-        """The indices (on the device) of the rows carrying ``adapter``, or None when none does."""
+        """The indices (on the device) of the rows carrying ``adapter`` (every unrouted row for an
+        adapter applied everywhere), or None when none does."""
         if adapter not in self._members:
-            rows = [i for i, a in enumerate(self.rows) if a == adapter]
+            carries = (lambda a: a != ROUTED_ROW) if adapter in self.everywhere else (lambda a: a == adapter)
+            rows = [i for i, a in enumerate(self.rows) if carries(a)]
             self._members[adapter] = torch.tensor(rows, dtype=torch.long).to(self.device) if rows else None  # once per plan
         return self._members[adapter]
 
@@ -310,7 +332,7 @@ class RowLayers:
         self.sibling_sets = tuple(dict.fromkeys(self.siblings.values()))  # each set of siblings once
         self._cast: dict[tuple[str, torch.device, torch.dtype], LayerDeltas] = {}
         self._joined: dict[tuple[tuple[str, ...], torch.device, torch.dtype], JoinedDown] = {}
-        self._plans: dict[tuple[tuple[int, ...], torch.device], RowPlan] = {}
+        self._plans: dict[tuple[tuple[int, ...], torch.device, tuple[int, ...]], RowPlan] = {}
         self._lock = threading.Lock()  # multi-GPU threads cast and plan for their own devices at once
 
     def on(self, name: str, device: torch.device, dtype: torch.dtype) -> LayerDeltas:
@@ -348,15 +370,16 @@ class RowLayers:
                 self._cast.setdefault((name, device, dtype), cast[name])
         return {name: self._cast[(name, device, dtype)] for name in siblings}
 
-    def plan(self, rows: tuple[int, ...], device: torch.device) -> RowPlan:
-        """The plan of a forward whose rows carry ``rows`` (adapter index or ``BASE_ROW`` per row)."""
-        key = (rows, device)
+    def plan(self, rows: tuple[int, ...], device: torch.device, everywhere: tuple[int, ...] = ()) -> RowPlan:
+        """The plan of a forward whose rows carry ``rows`` (adapter index or ``BASE_ROW`` per row), with
+        the adapters of ``everywhere`` on every unrouted row."""
+        key = (rows, device, everywhere)
         with self._lock:
             plan = self._plans.get(key)
             if plan is None:
                 if len(self._plans) >= MAX_CACHED_PLANS:
                     self._plans.pop(next(iter(self._plans)))
-                plan = self._plans[key] = RowPlan(rows, device)
+                plan = self._plans[key] = RowPlan(rows, device, everywhere)
         return plan
 
     def numel(self) -> int:
@@ -427,6 +450,9 @@ class RowLoRAHook:
         layer = self.layers.on(self.name, x.device, x.dtype)
         for group in layer.low_rank:
             self._add_low_rank(x, output, group, plan.group_rows(group.adapters))
+            everywhere = plan.everywhere_rows(group.adapters) if plan.everywhere else None
+            if everywhere is not None:
+                self._add_low_rank(x, output, group, everywhere)
         for adapter, delta in layer.dense.items():
             rows = plan.members(adapter)
             if rows is not None:
@@ -604,10 +630,11 @@ def apply_model_with_rows(executor, x, t, c_concat=None, c_crossattn=None, contr
     if state is None:
         raise RuntimeError("comfyui-loratorio: a model call arrived after its sampling run ended")
     rows = rows_for_forward(row_map["rows"], options["cond_or_uncond"], x.shape[0])
+    everywhere = tuple(row_map.get("everywhere", ()))
     semantic_options = with_semantic_chunks(options, row_map)
-    if all(row == BASE_ROW for row in rows):
+    if all(row == BASE_ROW for row in rows) and not everywhere:
         return executor(x, t, c_concat, c_crossattn, control, semantic_options, **kwargs)
-    plan = state.layers.plan(rows, x.device)
+    plan = state.layers.plan(rows, x.device, everywhere)
     with eager_diffusion_model(executor.class_obj) as diffusion_model:
         routed = routed_call(state, plan, diffusion_model, x) if plan.routed else None
         with row_loras_installed(diffusion_model, state.layers, plan, routed):

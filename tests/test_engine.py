@@ -24,6 +24,7 @@ from support.engine_helpers import (
     comfy_conditioning,
     make_guider,
     merged_prediction,
+    merged_stack_prediction,
     row_predictions,
     run_sampler,
     snapshot,
@@ -48,6 +49,36 @@ def test_adapter_rows_equal_comfyui_merged_lora(engine, family, style, tiny_mode
         expected = merged_prediction(patcher, family, comfy.utils.load_torch_file(str(lora_file), safe_load=True), strength)
         assert not torch.allclose(expected, plain, atol=1e-3)
         torch.testing.assert_close(row, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_loras_applied_everywhere_are_merged_into_every_unrouted_row(engine, family, tiny_model_factory, loras_folder):
+    """Style LoRAs applied everywhere: each unrouted row is its own LoRA's row of a model with the
+    styles merged in (ComfyUI's own merge; low-rank deltas, and a dense one on SD1.5), and a routed
+    row is left to its routing map."""
+    patcher = tiny_model_factory(family)
+    subject = write_lora(loras_folder / "subject.safetensors", family, patcher.model, "kohya", seed=1)
+    style = write_lora(loras_folder / "style.safetensors", family, patcher.model, "peft", seed=2)
+    if family == "sd15":
+        dense = write_lycoris(loras_folder / "dense-style.safetensors", family, patcher.model, "full", seed=3)
+    else:  # the LyCORIS writer's keys are the UNets'
+        dense = write_lora(loras_folder / "dense-style.safetensors", family, patcher.model, "comfy", seed=3)
+    files = (subject, style, dense)
+    adapters = engine.adapter_set.AdapterSet(patcher, [(f.name, 1.0) for f in files])
+    state = [comfy.utils.load_torch_file(str(f), safe_load=True) for f in files]
+    base_row, subject_row = row_predictions(engine, patcher, family, adapters, (-1, 0), everywhere=(1, 2))
+    tolerance = merge_tolerance()
+    for row, merged in ((base_row, [1, 2]), (subject_row, [0, 1, 2])):
+        expected = merged_stack_prediction(patcher, family, [(state[i], 1.0) for i in merged])
+        torch.testing.assert_close(row, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+    height, width = latent(family).shape[-2:]
+    routing = torch.zeros(1, 3, height, width)
+    routing[:, 0, :, : width // 2] = 1.0
+    alone = row_predictions(engine, patcher, family, adapters, (-2, -1), routing=routing)
+    with_styles = row_predictions(engine, patcher, family, adapters, (-2, -1), routing=routing, everywhere=(1, 2))
+    torch.testing.assert_close(with_styles[0], alone[0], rtol=0, atol=0)
+    expected = merged_stack_prediction(patcher, family, [(state[1], 1.0), (state[2], 1.0)])
+    torch.testing.assert_close(with_styles[1], expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
 
 
 @pytest.fixture

@@ -75,10 +75,17 @@ def make_guider(engine, method: str, patcher, stack, cfg: float = 5.0, **options
 
 def merged_prediction(patcher, family: str, lora: dict, strength: float) -> torch.Tensor:
     """One forward of ComfyUI's own LoRA merge (what LoraLoader does) of ``lora`` (a state dict) at ``strength``."""
+    return merged_stack_prediction(patcher, family, [(lora, strength)])
+
+
+def merged_stack_prediction(patcher, family: str, loras: list[tuple[dict, float]]) -> torch.Tensor:
+    """One forward of ComfyUI's own LoRA merges, one after another (chained LoraLoaders), of ``loras``."""
     import comfy.model_management
     import comfy.sd
 
-    merged, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0.0)
+    merged = patcher
+    for lora, strength in loras:
+        merged, _ = comfy.sd.load_lora_for_models(merged, None, lora, strength, 0.0)
     comfy.model_management.load_models_gpu([merged])
     with torch.no_grad():
         out = merged.model.apply_model(latent(family), timesteps(2.0), **conditioning(family))
@@ -86,9 +93,11 @@ def merged_prediction(patcher, family: str, lora: dict, strength: float) -> torc
     return out
 
 
-def row_predictions(engine, patcher, family: str, adapters, row_map: tuple[int, ...], routing=None) -> list[torch.Tensor]:
+def row_predictions(
+    engine, patcher, family: str, adapters, row_map: tuple[int, ...], routing=None, everywhere: tuple[int, ...] = ()
+) -> list[torch.Tensor]:
     """One forward whose rows carry the adapters of ``row_map`` (-1 = base, -2 = routed by ``routing``
-    ``[1, N, H, W]``), through the APPLY_MODEL wrapper."""
+    ``[1, N, H, W]``), and every unrouted row those of ``everywhere``, through the APPLY_MODEL wrapper."""
     import comfy.model_management
     import comfy.patcher_extension
 
@@ -101,6 +110,7 @@ def row_predictions(engine, patcher, family: str, adapters, row_map: tuple[int, 
             "run": run_id,
             "rows": row_map,
             "kinds": (0,) * rows,
+            "everywhere": everywhere,
         }
         options = {engine.row_lora.ROW_MAP_KEY: row_plan, "cond_or_uncond": list(range(rows))}
         comfy.patcher_extension.add_wrapper_with_key(
