@@ -13,14 +13,16 @@ rows a full step already has, with ``e_ip = ||eps_i(c) - eps_0(c)||^2`` summed o
 the participation ratio of the change over the patches: 1 when the LoRA changes every patch alike,
 ``k / P`` when it changes ``k`` patches alike, whatever its strength. An adapter whose coverage is
 at least :data:`DEFAULT_STYLE_COVERAGE` is a style. Styles leave the routing: the others are routed
-among themselves, and each style's change is added at every position,
+among themselves. At the step that finds the styles, each one's change is added at every position,
 
     c~ = sum_{i routed} Omega_i * eps_i(c) + sum_{g style} (eps_g(c) - eps_0(c)),
 
-and the same for the re-centred uncond with the styles' unconds, as if the styles were merged into
-the model under the routed LoRAs (in the single-pass routed row they are: every token gets each
-style's delta at weight 1). An adapter with a region mask was placed by the user and is never a
-style; when every adapter would be a style there is nothing to keep apart and all stay routed.
+and the same for the re-centred uncond with the styles' unconds (with ``lambda = 1`` there are none,
+and the styles change the cond only). From the next step on the styles are merged into the model
+for the run, in effect: every row, the base model's included, carries their deltas in its weights
+(``loratorio_comfy.row_lora``), and they have no rows of their own. An adapter with a region mask
+was placed by the user and is never a style; when every adapter would be a style there is nothing
+to keep apart and all stay routed.
 
 In the toy benchmark the style's coverage is 0.84 to 0.95 at every step and the subjects' 0.19 to
 0.42, a full-width stripe included (``docs/quality-single-pass.md``).

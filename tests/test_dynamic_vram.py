@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(dynamic_vram.STATE != "on", reason=f"dynamic VRA
 METHODS = {
     "loratorio": {},
     "loratorio single pass": {"routing": "single pass", "full_steps": 1, "refresh_every": 2},
+    "loratorio styles applied everywhere": {"style_loras": "applied everywhere", "style_coverage": 0.3},
     "composite": {},
     "switch": {},
 }

@@ -496,9 +496,13 @@ def test_style_loras_applied_everywhere_leave_the_routing_for_the_run(
         guider = make_guider(
             engine, "loratorio", patcher, stack, routing=routing, style_loras="applied everywhere", style_coverage=threshold
         )
-        with caplog.at_level("INFO", logger="comfyui-loratorio"):
+        with caplog.at_level("INFO", logger="comfyui-loratorio"), ForwardCounter(patcher) as counter:
             found = run_sampler(engine, guider)["samples"]
         assert torch.isfinite(found).all() and not torch.allclose(found, samples, atol=1e-3), routing
+        # the first step has every LoRA's rows and finds the style; then it rides in every row's weights
+        full_step, without_style = 2 + 2 * 3, 2 + 2 * 2
+        last = without_style if routing == "every step" else 2  # single pass: the third step is routed
+        assert counter.rows == [full_step, without_style, last]
         maps = guider.weight_history.maps()  # every step, the routed steps of single pass included
         assert len(maps) == STEPS
         torch.testing.assert_close(maps[:, style], torch.ones_like(maps[:, style]))
