@@ -126,7 +126,7 @@ def test_loratorio_finds_the_style_lora_by_what_it_changes_and_nothing_else(pack
             with caplog.at_level("INFO", logger="comfyui-loratorio"):
                 images = toy.generate("loratorio-styles-found", [CONCEPTS_BY_NAME[n] for n in names], seed=1, settings=found)
             styles = [r.getMessage() for r in caplog.records if "taken as a style" in r.getMessage()]
-            assert len(styles) == 1 and "dusk-style'" in styles[0], (names, styles)
+            assert len(styles) == 1 and "'toy-dusk-style.safetensors'" in styles[0], (names, styles)
             assert not np.array_equal(images, toy.generate("loratorio", [CONCEPTS_BY_NAME[n] for n in names], 1, routed))
         subjects = [CONCEPTS_BY_NAME[n] for n in ("ruby-disk", "amber-triangle", "lemon-stripe")]
         caplog.clear()

@@ -17,6 +17,7 @@ METHODS = {
     "loratorio-dynamic-pool",
     "loratorio-regions",
     "loratorio-style-merged",
+    "loratorio-styles-found",
     "lora-switch",
     "lora-composite",
     "lora-merge-baseline",

@@ -41,6 +41,11 @@ LORATORIO = {
     "routing": "every step",
 }  # fmt: skip
 SINGLE_PASS_FROM_MASKS = {"routing": "single pass", "full_steps": 0, "refresh_every": 0}
+# the options beyond the paper that scored best in the toy benchmark, with the style LoRAs found and merged
+STYLES_FOUND = {
+    "temperature_scaling": "by LoRA count and noise level", "patch_layout": "sliding", "routing_memory": "steps so far",
+    "style_loras": "applied everywhere",
+}  # fmt: skip
 
 
 def loader_inputs(loras: list[tuple[str, float]]) -> dict:
@@ -136,6 +141,7 @@ WORKFLOWS = {
     "lora-merge-baseline": merge_baseline(LORAS[:3]),
     "loratorio-regions": regional([LORAS[0], LORAS[2]]),
     "loratorio-style-merged": style_merged(LORAS[1], [LORAS[0], LORAS[2]]),
+    "loratorio-styles-found": composition("LoRAtorioSampler", LORAS[:3], {**LORATORIO, **STYLES_FOUND}, weight_maps=True),
 }
 
 
