@@ -638,7 +638,7 @@ def test_a_steps_rows_arrive_adapter_by_adapter_and_gather_no_weights(engine, ti
     original = engine.row_lora.RowLayers.plan
     with ComputeCalls() as counter, pytest.MonkeyPatch.context() as patch:
         patch.setattr(
-            engine.row_lora.RowLayers, "plan", lambda self, rows, device: seen.append(rows) or original(self, rows, device)
+            engine.row_lora.RowLayers, "plan", lambda self, rows, *rest: seen.append(rows) or original(self, rows, *rest)
         )
         run_sampler(engine, guider)
     adapter_rows = {tuple(a for a in rows if a >= 0) for rows in seen}
