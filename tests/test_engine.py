@@ -57,8 +57,8 @@ def test_loras_applied_everywhere_are_merged_into_every_unrouted_row(engine, fam
     styles merged in (ComfyUI's own merge; low-rank deltas, and a dense one on SD1.5), and a routed
     row is left to its routing map."""
     patcher = tiny_model_factory(family)
-    subject = write_lora(loras_folder / "subject.safetensors", family, patcher.model, "kohya", seed=1)
-    style = write_lora(loras_folder / "style.safetensors", family, patcher.model, "peft", seed=2)
+    subject = write_lora(loras_folder / "subject.safetensors", family, patcher.model, "peft", seed=1)
+    style = write_lora(loras_folder / "style.safetensors", family, patcher.model, "kohya", seed=2)
     if family == "sd15":
         dense = write_lycoris(loras_folder / "dense-style.safetensors", family, patcher.model, "full", seed=3)
     else:  # the LyCORIS writer's keys are the UNets'
@@ -66,6 +66,9 @@ def test_loras_applied_everywhere_are_merged_into_every_unrouted_row(engine, fam
     files = (subject, style, dense)
     adapters = engine.adapter_set.AdapterSet(patcher, [(f.name, 1.0) for f in files])
     state = [comfy.utils.load_torch_file(str(f), safe_load=True) for f in files]
+    if family == "sd15":  # the style's convolution deltas ride on every row too
+        layers = adapters.row_layers.layers.values()
+        assert any(g.down.ndim == 5 and 1 in g.adapters for layer in layers for g in layer.low_rank)
     base_row, subject_row = row_predictions(engine, patcher, family, adapters, (-1, 0), everywhere=(1, 2))
     tolerance = merge_tolerance()
     for row, merged in ((base_row, [1, 2]), (subject_row, [0, 1, 2])):
