@@ -352,12 +352,14 @@ class LoRAtorioGuider(AdapterRowsGuider):
         """The ``active`` LoRAs found to be styles, once every one has its verdict: from then on each
         row carries their deltas in its weights (as if merged) and they have no rows of their own. At
         a step that still judges a LoRA, none: that step has every LoRA's rows."""
-        if self.params.style_loras == "routed":
-            return ()
-        undecided = [i for i in active if self.regions[i] is None and i not in self._style_of]
-        if undecided and len(active) >= 2:
+        if self.params.style_loras == "routed" or self._judges_styles(active):
             return ()
         return tuple(i for i in active if self._style_of.get(i, False))
+
+    def _judges_styles(self, active: tuple[int, ...]) -> bool:
+        """Whether a full step of ``active`` judges a LoRA: one without a region mask and without a
+        verdict yet shares the step with another LoRA."""
+        return len(active) >= 2 and any(self.regions[i] is None and i not in self._style_of for i in active)
 
     def styles_among(self, active: tuple[int, ...], adapter_conds: torch.Tensor, base_cond: torch.Tensor) -> tuple[bool, ...]:
         """Which ``active`` adapters are styles (``style_loras`` = ``applied everywhere``; see
@@ -365,13 +367,13 @@ class LoRAtorioGuider(AdapterRowsGuider):
         that verdict for the run, so the routing does not change its members from step to step."""
         if self.params.style_loras == "routed":
             return (False,) * len(active)
-        candidates = [self.regions[i] is None for i in active]
-        undecided = [k for k, i in enumerate(active) if candidates[k] and i not in self._style_of]
-        if undecided and len(active) >= 2:
+        if self._judges_styles(active):
+            candidates = [self.regions[i] is None for i in active]
             coverage = lc.delta_coverage(adapter_conds, base_cond, self.params.patch_size).tolist()
             verdicts = lc.detected_styles(coverage, candidates, self.params.style_coverage)
-            for k in undecided:
-                adapter = active[k]
+            for k, adapter in enumerate(active):
+                if not candidates[k] or adapter in self._style_of:
+                    continue
                 self._style_of[adapter] = verdicts[k]
                 if verdicts[k]:
                     LOG.info(
