@@ -40,8 +40,8 @@ class Region:
     def __post_init__(self) -> None:
         if self.mask.ndim not in (2, 3) or self.mask.shape[-1] < 1 or self.mask.shape[-2] < 1:
             raise ValueError(f"a region mask must have shape [H, W] or [B, H, W], got {tuple(self.mask.shape)}")
-        if not self.hard and not 0.0 <= self.strength <= 50.0:
-            raise ValueError(f"a soft region's strength must lie in [0, 50], got {self.strength!r}")
+        if not 0.0 <= self.strength <= 50.0:  # also refuses NaN, which a hard region would carry unused
+            raise ValueError(f"a region's soft strength must lie in [0, 50], got {self.strength!r}")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 Each module is imported on its own: one that fails (a missing optional dependency, a ComfyUI
 version without an API it uses) is logged and skipped, and the rest of the pack still loads.
+Every node class is registered socket-checked (:mod:`.sockets`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ NODE_MODULES = ("loaders", "schedule", "regions", "prompts", "merge", "guiders",
 
 def collect_node_modules(package: str, module_names: tuple[str, ...]) -> tuple[dict[str, type], dict[str, str], dict[str, str]]:
     """Import ``package.<name>`` for each name: (class mappings, display names, failures by module)."""
+    from .sockets import socket_checked
+
     classes: dict[str, type] = {}
     display_names: dict[str, str] = {}
     failures: dict[str, str] = {}
@@ -26,8 +29,9 @@ def collect_node_modules(package: str, module_names: tuple[str, ...]) -> tuple[d
             failures[name] = f"{type(error).__name__}: {error}"
             LOG.exception("comfyui-loratorio: node module %r failed to load; its nodes are unavailable", name)
             continue
-        classes.update(module.NODE_CLASS_MAPPINGS)
         display_names.update(module.NODE_DISPLAY_NAME_MAPPINGS)
+        for node_id, node_class in module.NODE_CLASS_MAPPINGS.items():
+            classes[node_id] = socket_checked(node_class, module.NODE_DISPLAY_NAME_MAPPINGS.get(node_id, node_id))
     return classes, display_names, failures
 
 

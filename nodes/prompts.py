@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..loratorio_comfy.adapters import LoRAInputError
 from ..loratorio_comfy.prompts import encode_per_adapter
 from .common import CATEGORY, LORA_CONDITIONING, LORA_STACK, as_lora_stack, tip
 
@@ -28,7 +29,13 @@ class MultiLoRATextEncode:
         }
 
     def encode(self, clip, text, lora_stack):
-        return (encode_per_adapter(clip, text, as_lora_stack(lora_stack)),)
+        stack = as_lora_stack(lora_stack)
+        if not stack:
+            raise LoRAInputError(
+                "Multi-LoRA Text Encode: the LoRA stack is empty, so there is nothing to encode per LoRA. Connect the "
+                "same stack the composition node gets (e.g. from Multi-LoRA Loader)."
+            )
+        return (encode_per_adapter(clip, text, stack),)
 
 
 NODE_CLASS_MAPPINGS = {"LoRAtorioMultiLoRATextEncode": MultiLoRATextEncode}

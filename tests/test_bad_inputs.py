@@ -7,6 +7,7 @@ import math
 import os
 
 import comfy.model_management
+import comfy.samplers
 import pytest
 import safetensors.torch
 import torch
@@ -136,3 +137,43 @@ def test_lora_file_cache_reuses_and_invalidates_on_change(engine, sd15, loras_fo
         extra = write_lora(loras_folder / f"x{i}.safetensors", "sd15", sd15.model, "comfy", seed=i)
         cache.load(str(extra), extra.name)
     assert len(cache) == 2
+
+
+NOT_CONNECTIONS = ["notalink", None, {}, 3]
+
+
+@pytest.mark.parametrize("value", NOT_CONNECTIONS, ids=repr)
+def test_every_socket_input_that_is_not_a_connection_names_the_input_and_the_fix(pack, engine, value):
+    """An API prompt can hand a socket input a plain value, and ComfyUI passes it through unchecked."""
+    from comfyui_loratorio.nodes.sockets import SOCKET_CHECKS
+
+    checked = set()
+    for node_class in pack.NODE_CLASS_MAPPINGS.values():
+        input_types = node_class.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, spec in input_types.get(section, {}).items():
+                if not isinstance(spec[0], str) or spec[0] not in SOCKET_CHECKS or (value is None and section == "optional"):
+                    continue
+                pattern = rf"input '{name}' needs a {spec[0]} from a connected node.*Connect a {spec[0]} output"
+                with pytest.raises(engine.adapters.LoRAInputError, match=pattern):
+                    getattr(node_class(), node_class.FUNCTION)(**{name: value})
+                checked.add(spec[0])
+    expected = {"MODEL", "CLIP", "CONDITIONING", "LATENT", "MASK", "GUIDER"}
+    assert checked == expected | ({"LORA_CONDITIONING"} if value is not None else set())
+
+
+def test_malformed_conditioning_is_refused_and_well_formed_sockets_pass(pack, engine, sd15, good_lora):
+    guider_node = pack.NODE_CLASS_MAPPINGS["LoRAtorioCompositeGuider"]()
+    cond = [[torch.zeros(1, 77, 32), {}]]
+    (guider,) = guider_node.get_guider(sd15, cond, cond, [(good_lora, 1.0, 1.0)], 5.0)
+    assert isinstance(guider, comfy.samplers.CFGGuider)
+    with pytest.raises(engine.adapters.LoRAInputError, match="Composite Guider: input 'positive' needs a CONDITIONING"):
+        guider_node.get_guider(sd15, [torch.zeros(1, 77, 32)], cond, [(good_lora, 1.0, 1.0)], 5.0)
+
+
+def test_text_encode_with_an_empty_stack_says_so(pack, engine):
+    from support.tiny_models import build_clip
+
+    node = pack.NODE_CLASS_MAPPINGS["LoRAtorioMultiLoRATextEncode"]()
+    with pytest.raises(engine.adapters.LoRAInputError, match="Multi-LoRA Text Encode: the LoRA stack is empty"):
+        node.encode(build_clip(), "a prompt", None)

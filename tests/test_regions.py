@@ -113,6 +113,9 @@ def test_region_node_errors_name_the_problem(pack, stack):
         node.set_region(stack, 1, torch.full((1, 8, 8), float("nan")), "hard", 4.0)
     with pytest.raises(Exception, match=r"\[H, W\]"):
         node.set_region(stack, 1, torch.ones(1, 1, 8, 8), "hard", 4.0)
+    # a hard region does not use its soft strength, but NaN is still refused
+    with pytest.raises(Exception, match=r"soft strength must lie in \[0, 50\], got nan"):
+        node.set_region(stack, 1, torch.ones(1, 8, 8), "hard", float("nan"))
 
 
 def test_a_mask_batch_that_fits_no_latent_batch_names_the_lora(engine, pack, tiny_model_factory, stack):

@@ -71,6 +71,17 @@ def test_nan_denoise_is_a_clear_error(server, demo_models, sampler_node):
     assert error is not None and "denoise is nan; use a number from 0 to 1" in error, error
 
 
+@pytest.mark.parametrize(("socket", "value"), [("model", "notalink"), ("positive", None), ("latent_image", {})])
+def test_a_socket_given_a_plain_value_is_a_clear_error_and_the_server_stays_up(server, demo_models, socket, value):
+    """ComfyUI validates widgets, not what an API prompt puts in a socket input in place of a connection."""
+    _, checkpoint, loras = demo_models
+    prompt = composition_prompt(checkpoint, [(loras[0], 1.0)])
+    prompt["6"]["inputs"][socket] = value
+    error = execution_error(run_prompt(server, prompt))
+    assert error is not None and f"LoRAtorio Sampler: input '{socket}' needs a" in error, error
+    assert_composed_image(server, run_prompt(server, composition_prompt(checkpoint, [(loras[0], 1.0)])))
+
+
 def test_a_workflow_saved_with_the_old_node_ids_still_runs(server, demo_models):
     """``tests/data/legacy-loratorio-api.json`` is ``example_workflows/api/loratorio.json`` as shipped before the
     ids were prefixed (``MultiLoRALoader``): hidden aliases keep such workflows running."""
