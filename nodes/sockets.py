@@ -18,7 +18,7 @@ import comfy.sd
 import torch
 
 from ..loratorio_comfy.adapters import LoRAInputError
-from .common import LORA_CONDITIONING
+from .common import LORA_CONDITIONING, LORA_STACK
 
 
 def is_conditioning(value: object) -> bool:
@@ -45,6 +45,7 @@ SOCKET_CHECKS: dict[str, Callable[[object], bool]] = {
     "LATENT": is_latent,
     "MASK": lambda value: isinstance(value, torch.Tensor),
     "GUIDER": lambda value: isinstance(value, comfy.samplers.CFGGuider),
+    LORA_STACK: lambda value: isinstance(value, (list, tuple)),  # its rows: common.as_lora_stack
     LORA_CONDITIONING: is_adapter_conditioning,
 }
 

@@ -158,7 +158,7 @@ def test_every_socket_input_that_is_not_a_connection_names_the_input_and_the_fix
                 with pytest.raises(engine.adapters.LoRAInputError, match=pattern):
                     getattr(node_class(), node_class.FUNCTION)(**{name: value})
                 checked.add(spec[0])
-    expected = {"MODEL", "CLIP", "CONDITIONING", "LATENT", "MASK", "GUIDER"}
+    expected = {"MODEL", "CLIP", "CONDITIONING", "LATENT", "MASK", "GUIDER", "LORA_STACK"}
     assert checked == expected | ({"LORA_CONDITIONING"} if value is not None else set())
 
 
@@ -176,4 +176,4 @@ def test_text_encode_with_an_empty_stack_says_so(pack, engine):
 
     node = pack.NODE_CLASS_MAPPINGS["LoRAtorioMultiLoRATextEncode"]()
     with pytest.raises(engine.adapters.LoRAInputError, match="Multi-LoRA Text Encode: the LoRA stack is empty"):
-        node.encode(build_clip(), "a prompt", None)
+        node.encode(build_clip(), "a prompt", [])

@@ -96,7 +96,7 @@ def test_lora_merge_equals_chained_lora_loaders(pack, sd15_loras, tiny_model_fac
     ("stack", "message"),
     [
         ([("missing.safetensors", 1.0, 1.0)], "missing.safetensors' is not in ComfyUI's loras folders"),
-        ("a string", "LORA_STACK must be a list"),
+        ("a string", "input .lora_stack. needs a LORA_STACK from a connected node"),
         ([("x.safetensors", 1.0)], "row 1"),
         ([("x.safetensors", "strong", 1.0)], "non-numeric strengths"),
     ],
