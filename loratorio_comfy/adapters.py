@@ -91,6 +91,7 @@ class ParsedLoRA:
     matched: int = 0
     total: int = 0
     unsupported: list[str] = field(default_factory=list)  # targets no per-row form can apply
+    absent: list[str] = field(default_factory=list)  # targets the model has no parameter for
 
     @property
     def dense_kinds(self) -> list[str]:
@@ -100,6 +101,13 @@ class ParsedLoRA:
 TEXT_ENCODER_KEY = re.compile(r"^(lora_te\d*_|text_encoder(_\d)?\.|text_encoders\.)")
 
 
+LAYER_SUFFIX_MARKERS = (
+    ".lora_", "_lora.", ".lora.", ".alpha", ".hada_", ".lokr_", ".oft_", ".diff", ".dora_scale", ".w_norm", ".b_norm",
+    ".rescale", ".scalar",
+)  # fmt: skip
+GLORA_TENSOR = re.compile(r"\.[ab][12]\.weight$")  # LyCORIS GLoRA's a1, a2, b1, b2
+
+
 def _lora_stems(state: dict[str, torch.Tensor]) -> set[str]:
     """The distinct diffusion-model layer names of a file: keys without their ``.lora_*``/``.alpha``
     style suffix; text-encoder layers (read by the CLIP side) are not counted."""
@@ -107,12 +115,13 @@ def _lora_stems(state: dict[str, torch.Tensor]) -> set[str]:
     for key in state:
         if TEXT_ENCODER_KEY.match(key):
             continue
-        for marker in (".lora_", "_lora.", ".lora.", ".alpha", ".hada_", ".lokr_", ".oft_", ".diff", ".dora_scale", ".w_norm"):
+        for marker in LAYER_SUFFIX_MARKERS:
             if marker in key:
                 stems.add(key.split(marker)[0])
                 break
         else:
-            stems.add(key.rsplit(".", 1)[0])
+            glora = GLORA_TENSOR.search(key)
+            stems.add(key[: glora.start()] if glora else key.rsplit(".", 1)[0])
     return stems
 
 
@@ -297,7 +306,10 @@ def parse_lora(state: dict[str, torch.Tensor], model, display_name: str) -> Pars
     for target, adapter in patches.items():
         key, offset, function = split_target(target)
         weight = model_state.get(key)
-        if weight is None or not key.startswith(DIFFUSION_PREFIX) or not key.endswith(PARAMETER_SUFFIXES):
+        if weight is None:
+            parsed.absent.append(key)
+            continue
+        if not key.startswith(DIFFUSION_PREFIX) or not key.endswith(PARAMETER_SUFFIXES):
             parsed.unsupported.append(key)
             continue
         mismatch = lora_shape_mismatch(adapter, weight.shape, offset) if key.endswith(".weight") else None
@@ -336,6 +348,15 @@ def parse_lora(state: dict[str, torch.Tensor], model, display_name: str) -> Pars
             reason,
             guess_file_family(sorted(state), state),
             family,
+        )
+    if parsed.absent:
+        # e.g. ComfyUI maps a full diff's bias (diff_b) on a slice of a fused weight to the key "().bias"
+        LOG.warning(
+            "comfyui-loratorio: LoRA '%s' patches %d parameters this model does not have (e.g. %s); they are skipped, "
+            "as ComfyUI's LoraLoader skips them (its log says NOT LOADED)",
+            display_name,
+            len(parsed.absent),
+            ", ".join(parsed.absent[:3]),
         )
     if parsed.unsupported:
         LOG.warning(

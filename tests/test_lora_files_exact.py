@@ -11,23 +11,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from support.engine_helpers import merged_prediction
+from support.engine_helpers import adapter_row_prediction, merged_prediction
 from support.tiny_models import conditioning, latent, merge_tolerance, timesteps
-
-
-def adapter_row_prediction(engine, patcher, family: str, name: str, strength: float) -> torch.Tensor:
-    import comfy.patcher_extension
-
-    adapters = engine.adapter_set.AdapterSet(patcher, [(name, strength)])
-    comfy.model_management.load_models_gpu([patcher])  # as sampling does: this patcher's weights, not another clone's
-    with engine.row_lora.row_layers_registered(adapters.row_layers) as run_id:
-        plan = {"run": run_id, "rows": (0,), "kinds": (0,)}
-        options = {engine.row_lora.ROW_MAP_KEY: plan, "cond_or_uncond": [0]}
-        comfy.patcher_extension.add_wrapper_with_key(
-            comfy.patcher_extension.WrappersMP.APPLY_MODEL, "loratorio", engine.row_lora.apply_model_with_rows, options
-        )
-        with torch.no_grad():
-            return patcher.model.apply_model(latent(family), timesteps(2.0), transformer_options=options, **conditioning(family))
 
 
 def diffusers_lora(model, layers: dict[str, str], seed: int) -> dict[str, torch.Tensor]:

@@ -73,6 +73,23 @@ def make_guider(engine, method: str, patcher, stack, cfg: float = 5.0, **options
     return engine.build.switch_guider(patcher, positive, negative, stack, cfg, options.get("tau", 2))
 
 
+def adapter_row_prediction(engine, patcher, family: str, name: str, strength: float) -> torch.Tensor:
+    """One forward whose single row carries the LoRA file ``name`` at ``strength``, through the APPLY_MODEL wrapper."""
+    import comfy.model_management
+    import comfy.patcher_extension
+
+    adapters = engine.adapter_set.AdapterSet(patcher, [(name, strength)])
+    comfy.model_management.load_models_gpu([patcher])  # as sampling does: this patcher's weights, not another clone's
+    with engine.row_lora.row_layers_registered(adapters.row_layers) as run_id:
+        plan = {"run": run_id, "rows": (0,), "kinds": (0,)}
+        options = {engine.row_lora.ROW_MAP_KEY: plan, "cond_or_uncond": [0]}
+        comfy.patcher_extension.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.APPLY_MODEL, "loratorio", engine.row_lora.apply_model_with_rows, options
+        )
+        with torch.no_grad():
+            return patcher.model.apply_model(latent(family), timesteps(2.0), transformer_options=options, **conditioning(family))
+
+
 def merged_prediction(patcher, family: str, lora: dict, strength: float) -> torch.Tensor:
     """One forward of ComfyUI's own LoRA merge (what LoraLoader does) of ``lora`` (a state dict) at ``strength``."""
     return merged_stack_prediction(patcher, family, [(lora, strength)])

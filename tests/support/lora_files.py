@@ -9,10 +9,13 @@
   names (``attn1.processor.to_q``, ``attn1.processor.to_out``): ComfyUI 0.3.75 reads the UNet's
   attention keys only in that form, and these files must load fully through ComfyUI's own path.
 * ComfyUI (what its LoRA save node writes): ``diffusion_model.<key>.lora_up/.lora_down/.alpha``.
+* LyCORIS, written by the ``lycoris-lora`` library itself from the same diffusers-named module tree,
+  under the prefixes sd-scripts (``lora_unet_``) and SimpleTuner (``lycoris_``) give it.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +39,7 @@ class Target:
     weight_key: str  # the ComfyUI state-dict key
     offset: tuple[int, int, int] | None  # (dim, start, size) of a fused weight, or None
     shape: tuple[int, ...]
+    bias: bool = False  # whether the layer has a bias
 
 
 def _diffusers_map(model) -> dict[str, object]:
@@ -61,7 +65,8 @@ def diffusers_targets(family: str, model) -> list[Target]:
         if key not in state:
             continue
         weight = state[key] if offset is None else state[key].narrow(*offset)
-        targets.append(Target(module_name, key, offset, tuple(weight.shape)))
+        has_bias = f"{key[: -len('.weight')]}.bias" in state
+        targets.append(Target(module_name, key, offset, tuple(weight.shape), has_bias))
     if not targets:
         raise AssertionError(f"no LoRA targets found for {family}")
     return sorted(targets, key=lambda t: t.file_name)
@@ -132,13 +137,9 @@ def _processor_name(module_name: str) -> str:
     return name[: -len(".0")] if name.endswith(".to_out.0") else name
 
 
-def write_peft(path: Path, family: str, model, rank: int = 4, seed: int = 0) -> Path:
-    """A diffusers/PEFT LoRA written by ``peft`` (``lora_alpha = rank``: scale 1, no alpha key)."""
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-
-    targets = [t for t in diffusers_targets(family, model) if len(t.shape) == 2]
-    if family in ("sd15", "sdxl"):
-        targets = [replace(t, file_name=_processor_name(t.file_name)) for t in targets]
+def module_tree(targets: list[Target]) -> torch.nn.Module:
+    """Plain torch layers named and shaped like ``targets`` (a model named the diffusers way, for the
+    training libraries to wrap): a linear layer per 2-D weight, a convolution per 4-D weight."""
     tree = torch.nn.Module()
     for target in targets:
         parent = tree
@@ -147,13 +148,56 @@ def write_peft(path: Path, family: str, model, rank: int = 4, seed: int = 0) -> 
             if not hasattr(parent, part):
                 parent.add_module(part, torch.nn.Module())
             parent = getattr(parent, part)
-        parent.add_module(leaf, torch.nn.Linear(target.shape[1], target.shape[0], bias=False))
+        out_features, in_features, *kernel = target.shape
+        if kernel:
+            layer = torch.nn.Conv2d(in_features, out_features, tuple(kernel), padding=kernel[0] // 2, bias=target.bias)
+        else:
+            layer = torch.nn.Linear(in_features, out_features, bias=target.bias)
+        parent.add_module(leaf, layer)
+    return tree
+
+
+def write_peft(path: Path, family: str, model, rank: int = 4, seed: int = 0) -> Path:
+    """A diffusers/PEFT LoRA written by ``peft`` (``lora_alpha = rank``: scale 1, no alpha key)."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    targets = [t for t in diffusers_targets(family, model) if len(t.shape) == 2]
+    if family in ("sd15", "sdxl"):
+        targets = [replace(t, file_name=_processor_name(t.file_name)) for t in targets]
+    tree = module_tree(targets)
     torch.manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=[t.file_name for t in targets], init_lora_weights=False)
     inject_adapter_in_model(config, tree)
     prefix = "unet." if family in ("sd15", "sdxl") else "transformer."
     state = {prefix + k: v.detach().contiguous() for k, v in get_peft_model_state_dict(tree).items()}
     safetensors.torch.save_file(state, str(path), metadata={"format": "pt"})
+    return path
+
+
+# the prefix LyCORIS writes: sd-scripts names UNet layers lora_unet_<diffusers name>; SimpleTuner
+# names transformer layers lycoris_<diffusers name> (ComfyUI reads both)
+LYCORIS_PREFIXES = {"sd15": "lora_unet", "sdxl": "lora_unet", "sd3": "lycoris", "flux": "lycoris"}
+
+
+def write_lycoris_trained(path: Path, family: str, model, options: dict, seed: int = 0) -> Path:
+    """A LyCORIS file written by ``lycoris-lora`` itself (``create_lycoris(**options)``, then its own
+    ``save_weights``) on the family's diffusers-named layers. Training is skipped: every trainable
+    tensor is filled from a seeded generator, since LyCORIS starts from a zero delta."""
+    from lycoris import LycorisNetwork, create_lycoris
+
+    targets = diffusers_targets(family, model)
+    LycorisNetwork.apply_preset(
+        {"target_module": [], "target_name": [re.escape(t.file_name) for t in targets], "lora_prefix": LYCORIS_PREFIXES[family]}
+    )
+    network = create_lycoris(module_tree(targets), 1.0, linear_dim=4, linear_alpha=2.0, **options)
+    network.apply_to()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in network.named_parameters():
+            fan_in = math.prod(parameter.shape[1:]) if parameter.ndim > 1 else 1
+            scale = 0.05 if "oft" in name else 0.5 / math.sqrt(fan_in)  # an orthogonal block far from 0 flips the layer
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    network.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})
     return path
 
 
