@@ -25,7 +25,7 @@ from pathlib import Path
 TOOLS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS_DIR))
 from comfy_client import NEGATIVE_TITLE, POSITIVE_TITLE, Job, http_json, run_jobs  # noqa: E402
-from make_workflows import api_to_ui, loader_inputs  # noqa: E402
+from make_workflows import api_to_ui, loader_inputs, with_node_defaults  # noqa: E402
 from quality.world import CONCEPTS  # noqa: E402
 
 DEMO_NODES_DIR = TOOLS_DIR / "demo_nodes"
@@ -117,7 +117,10 @@ def write_templates(server: str) -> None:
 
     object_info = http_json(f"{server}/object_info")
     TEMPLATES_DIR.mkdir(parents=True, exist_ok=True)
-    prompts = {f"toy-{method}": graph(method, list(TEMPLATE_CONCEPTS), seed=1, scale=TEMPLATE_SCALE) for method in METHODS}
+    prompts = {
+        f"toy-{method}": with_node_defaults(graph(method, list(TEMPLATE_CONCEPTS), seed=1, scale=TEMPLATE_SCALE), object_info)
+        for method in METHODS
+    }
     for name, prompt in prompts.items():
         (TEMPLATES_DIR / f"{name}.json").write_text(json.dumps(api_to_ui(prompt, object_info), indent=2) + "\n")
         print(f"wrote {(TEMPLATES_DIR / name).relative_to(TOOLS_DIR.parent)}.json")
