@@ -22,9 +22,12 @@ from .common import LORA_CONDITIONING, LORA_STACK
 
 
 def is_conditioning(value: object) -> bool:
-    """A ``CONDITIONING``: a list of ``[tensor, options]`` pairs."""
+    """A ``CONDITIONING``: a list of ``[tensor, options]`` pairs (ComfyUI accepts None for the tensor)."""
     return isinstance(value, (list, tuple)) and all(
-        isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], torch.Tensor) and isinstance(item[1], dict)
+        isinstance(item, (list, tuple))
+        and len(item) == 2
+        and (item[0] is None or isinstance(item[0], torch.Tensor))
+        and isinstance(item[1], dict)
         for item in value
     )
 

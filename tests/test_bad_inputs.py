@@ -169,6 +169,9 @@ def test_malformed_conditioning_is_refused_and_well_formed_sockets_pass(pack, en
     assert isinstance(guider, comfy.samplers.CFGGuider)
     with pytest.raises(engine.adapters.LoRAInputError, match="Composite Guider: input 'positive' needs a CONDITIONING"):
         guider_node.get_guider(sd15, [torch.zeros(1, 77, 32)], cond, [(good_lora, 1.0, 1.0)], 5.0)
+    from comfyui_loratorio.nodes.sockets import is_conditioning
+
+    assert is_conditioning([[None, {"pooled_output": None}]]) and is_conditioning([])  # as ComfyUI's convert_cond reads them
 
 
 def test_text_encode_with_an_empty_stack_says_so(pack, engine):

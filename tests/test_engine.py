@@ -367,19 +367,20 @@ def test_weight_maps_node_reads_a_guider_after_sampler_custom_advanced(pack, tin
         tiny_model_factory("sd15"), comfy_conditioning("sd15"), comfy_conditioning("sd15", seed=9), sd15_stack[:2], 5.0,
         patch_size=4, temperature=0.05, recentre_lambda=0.5, top_k=0, top_k_mode="image",
     )  # fmt: skip
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
     with pytest.raises(ValueError, match="has not sampled yet"):
-        maps_node.render(guider, None)
+        maps_node.render(guider, latent)
     noise = comfy_nodes_noise(seed=2)
     sampler = comfy.samplers.sampler_object("dpmpp_2m")
     sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "karras", STEPS)
-    output = SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, {"samples": torch.zeros(1, 4, 16, 16)})
+    output = SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent)
     shown = maps_node.render(guider, output.result[0])
     (image,) = shown["result"]
     assert_shown_on_node(shown, image)
     assert image.shape[0] == 1 and image.shape[-1] == 3 and image.std() > 0.05
     assert len(guider.weight_history) == STEPS
     with pytest.raises(ValueError, match="from a LoRAtorio Guider"):
-        maps_node.render(comfy.samplers.CFGGuider(tiny_model_factory("sd15")), None)
+        maps_node.render(comfy.samplers.CFGGuider(tiny_model_factory("sd15")), latent)
 
 
 def test_weight_maps_node_after_a_run_with_no_step_shows_the_legend(pack, tiny_model_factory, sd15_stack):
