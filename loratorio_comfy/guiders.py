@@ -272,6 +272,7 @@ class LoRAtorioGuider(AdapterRowsGuider):
         self._routing: torch.Tensor | None = None  # routed mode: the last full step's map, [B, N, H, W]
         self._routing_over: frozenset[int] = frozenset()  # the LoRAs active when that map was made
         self._style_of: dict[int, bool] = {}  # style_loras "applied everywhere": each LoRA's verdict, once judged
+        self._coverages: dict[int, list[float]] = {}  # and its coverages at the steps that judge it
         try:
             return super().sample(*args, **kwargs)
         finally:
@@ -363,23 +364,28 @@ class LoRAtorioGuider(AdapterRowsGuider):
 
     def styles_among(self, active: tuple[int, ...], adapter_conds: torch.Tensor, base_cond: torch.Tensor) -> tuple[bool, ...]:
         """Which ``active`` adapters are styles (``style_loras`` = ``applied everywhere``; see
-        ``lc.styles``): each is judged at the first full step it shares with another LoRA, and keeps
-        that verdict for the run, so the routing does not change its members from step to step."""
+        ``lc.styles``): each is judged on its first ``lc.STYLE_JUDGING_STEPS`` full steps shared with
+        another LoRA, and keeps that verdict for the run, so the routing does not change its members
+        from step to step."""
         if self.params.style_loras == "routed":
             return (False,) * len(active)
         if self._judges_styles(active):
-            candidates = [self.regions[i] is None for i in active]
             coverage = lc.delta_coverage(adapter_conds, base_cond, self.params.patch_size).tolist()
-            verdicts = lc.detected_styles(coverage, candidates, self.params.style_coverage)
             for k, adapter in enumerate(active):
-                if not candidates[k] or adapter in self._style_of:
+                if self.regions[adapter] is None and adapter not in self._style_of:
+                    self._coverages.setdefault(adapter, []).append(coverage[k])
+            judged = [lc.judged_coverage(self._coverages.get(adapter, ())) for adapter in active]
+            ready = [value is not None and adapter not in self._style_of for value, adapter in zip(judged, active, strict=True)]
+            verdicts = lc.detected_styles([value or 0.0 for value in judged], ready, self.params.style_coverage)
+            for k, adapter in enumerate(active):
+                if not ready[k]:
                     continue
                 self._style_of[adapter] = verdicts[k]
                 if verdicts[k]:
                     LOG.info(
                         "comfyui-loratorio: LoRA '%s' changes %.0f%% of the image alike: taken as a style and applied everywhere",
                         self.adapters.names[adapter],
-                        100 * coverage[k],
+                        100 * judged[k],
                     )
         return tuple(self._style_of.get(i, False) for i in active)
 

@@ -33,7 +33,16 @@ from .routed import (
     routing_map,
 )
 from .schedule import FULL_WINDOW, StepWindow, active_adapters, budget_factor, switch_adapter
-from .styles import DEFAULT_STYLE_COVERAGE, STYLE_LORAS, StyleLoRAs, delta_coverage, detected_styles, with_style_changes
+from .styles import (
+    DEFAULT_STYLE_COVERAGE,
+    STYLE_JUDGING_STEPS,
+    STYLE_LORAS,
+    StyleLoRAs,
+    delta_coverage,
+    detected_styles,
+    judged_coverage,
+    with_style_changes,
+)
 from .switch import DEFAULT_TAU, SwitchSchedule, step_index
 from .tensors import classifier_free_guidance, denoised_to_noise, noise_to_denoised
 from .weights import (
@@ -61,6 +70,7 @@ __all__ = [
     "MEMORY_NOISE_FLOOR",
     "PATCH_LAYOUTS",
     "ROUTING_MEMORIES",
+    "STYLE_JUDGING_STEPS",
     "STYLE_LORAS",
     "TEMPERATURE_SCALINGS",
     "TOP_K_MODES",
@@ -91,6 +101,7 @@ __all__ = [
     "denoised_to_noise",
     "detected_styles",
     "expand_patches",
+    "judged_coverage",
     "lora_composite",
     "loratorio",
     "mask_routing",

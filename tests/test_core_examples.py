@@ -327,6 +327,13 @@ def test_style_coverage_is_the_share_of_patches_a_lora_changes_alike():
     torch.testing.assert_close(coverage, torch.tensor([(0.25 + 1.0) / 2]))
 
 
+def test_a_lora_is_judged_on_its_lowest_coverage_over_its_first_judging_steps():
+    assert lc.STYLE_JUDGING_STEPS == 2
+    assert lc.judged_coverage([]) is None and lc.judged_coverage([0.9]) is None  # one look: not judged yet
+    assert lc.judged_coverage([0.64, 0.56]) == 0.56  # a subject with a palette shift: a style only at the first step
+    assert lc.judged_coverage([0.89, 0.88, 0.1]) == 0.88  # looks after the judging steps do not count
+
+
 def test_detected_styles_leave_region_masked_loras_and_never_take_every_candidate():
     assert lc.detected_styles([0.9, 0.2, 0.3], [True, True, True], 0.6) == (True, False, False)
     assert lc.detected_styles([0.9, 0.9, 0.3], [True, False, True], 0.6) == (True, False, False)  # a region: routed

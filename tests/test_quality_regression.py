@@ -134,3 +134,45 @@ def test_loratorio_finds_the_style_lora_by_what_it_changes_and_nothing_else(pack
             images = toy.generate("loratorio-styles-found", subjects, seed=1, settings=found)
         assert not [r for r in caplog.records if "taken as a style" in r.getMessage()]
         np.testing.assert_array_equal(images, toy.generate("loratorio", subjects, seed=1, settings=routed))
+
+
+def test_a_subject_lora_that_also_shifts_the_palette_is_not_taken_for_a_style(pack, tmp_path, caplog, monkeypatch):
+    """``ruby`` with a quarter of ``dusk``'s palette shift in the same file (its ranks beside ruby's):
+    at the first, noisiest step its change covers the image like a style's, and from the second on
+    its disk shows. Judged on both steps, it stays routed; ``dusk`` beside it is still a style."""
+    import comfyui_loratorio.loratorio_core as lc
+    import folder_paths
+    import safetensors.torch
+    import torch
+    from quality.harness import DEFAULT_SETTINGS, ToyRun
+    from quality.world import CONCEPTS_BY_NAME
+
+    ruby, dusk = (safetensors.torch.load_file(str(MODELS / f"toy-{n}.safetensors")) for n in ("ruby-disk", "dusk-style"))
+    with_palette = {}
+    for key, tensor in ruby.items():
+        if key.endswith(".lora_down.weight"):
+            with_palette[key] = torch.cat([tensor, dusk[key]])
+        elif key.endswith(".lora_up.weight"):
+            with_palette[key] = torch.cat([tensor, 0.25 * dusk[key]], dim=1)
+    for key in ruby:
+        if key.endswith(".alpha"):  # both files train alpha = rank: scale 1, and so the joined file
+            with_palette[key] = torch.tensor(float(with_palette[key.replace(".alpha", ".lora_down.weight")].shape[0]))
+    for file in MODELS.iterdir():
+        (tmp_path / file.name).symlink_to(file)
+    (tmp_path / "toy-ruby-disk.safetensors").unlink()
+    safetensors.torch.save_file(with_palette, str(tmp_path / "toy-ruby-disk.safetensors"))
+    looks = []
+    real_coverage = lc.delta_coverage
+    monkeypatch.setattr(lc, "delta_coverage", lambda *a, **k: looks.append(real_coverage(*a, **k)) or looks[-1])
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", folder_paths.folder_names_and_paths["loras"])
+    toy = ToyRun(pack, tmp_path, images=4, steps=3)
+    found = DEFAULT_SETTINGS["loratorio-styles-found"]
+    with caplog.at_level("INFO", logger="comfyui-loratorio"):
+        toy.generate(
+            "loratorio-styles-found", [CONCEPTS_BY_NAME[n] for n in ("ruby-disk", "cobalt-square", "dusk-style")], 1, found
+        )
+    first, second = (look.tolist() for look in looks)
+    assert first[0] >= lc.DEFAULT_STYLE_COVERAGE, first  # the first step alone would take it for a style
+    assert second[0] < lc.DEFAULT_STYLE_COVERAGE <= min(first[2], second[2]), (first, second)
+    styles = [r.getMessage() for r in caplog.records if "taken as a style" in r.getMessage()]
+    assert len(styles) == 1 and "'toy-dusk-style.safetensors'" in styles[0], styles
