@@ -166,7 +166,7 @@ def extension_inputs() -> dict[str, tuple]:
             list(lc.STYLE_LORAS),
             tip(
                 "routed: every LoRA competes for every patch (the paper). applied everywhere: a LoRA that changes the "
-                "whole image alike (a style, a palette, a lighting) is found at the first step and from then on "
+                "whole image alike (a style, a palette, a lighting) is found over the first two steps and from then on "
                 "merged into every row, costing no rows of its own; the other LoRAs are routed among themselves, so "
                 "a style no longer takes the edges of the subjects. LoRAs with a region mask always stay routed.",
                 default=lc.STYLE_LORAS[0],
