@@ -76,9 +76,8 @@ def check_sockets(title: str, input_types: dict, inputs: dict) -> None:
                 )
 
 
-def bound_inputs(function: Callable, args: tuple, kwargs: dict) -> dict:
+def bound_inputs(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
     """The call's inputs by name, keyword catch-alls (``**values``) flattened in."""
-    signature = inspect.signature(function)
     inputs = {}
     for name, value in signature.bind_partial(*args, **kwargs).arguments.items():
         catch_all = signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD
@@ -91,10 +90,11 @@ def socket_checked(node_class: type, title: str) -> type:
     function = getattr(node_class, node_class.FUNCTION)
     if getattr(function, "checks_sockets", False):
         return node_class
+    signature = inspect.signature(function)
 
     @functools.wraps(function)
     def checked(*args, **kwargs):
-        check_sockets(title, node_class.INPUT_TYPES(), bound_inputs(function, args, kwargs))
+        check_sockets(title, node_class.INPUT_TYPES(), bound_inputs(signature, args, kwargs))
         return function(*args, **kwargs)
 
     checked.checks_sockets = True
